@@ -1,0 +1,138 @@
+"""Core attention on torch's scaled_dot_product_attention, for megatron layer specs without TE.
+
+Replaces megatron's local `DotProductAttention`, which (a) materialises the full score matrix with a
+baddbmm + softmax, and (b) does not accept distinct key/value head sizes, which multi-latent attention
+(DeepSeek V2/V3) passes as `k_channels`/`v_channels`. SDPA dispatches to fused kernels on CPU and GPU.
+
+Masks follow megatron's convention: a boolean `attention_mask` is True where attention is *forbidden*,
+broadcastable to [b, heads, sq, sk]. With a causal mask type the causal mask is aligned to the
+bottom-right corner (query i sees keys up to sk - sq + i), which covers a fresh prefill (sq == sk),
+KV-cache decoding (sq == 1) and chunked prefill alike.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+
+
+class SDPAttention(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "parallel.cp > 1 needs transformer-engine's attention; megagsm's SDPA attention "
+                "supports cp=1 only"
+            )
+        tp_group = pg_collection.tp if pg_collection is not None else (
+            parallel_state.get_tensor_model_parallel_group()
+        )
+        tp_size = tp_group.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.k_channels = k_channels or config.kv_channels
+        self.v_channels = v_channels or config.kv_channels
+        self.heads_per_partition = config.num_attention_heads // tp_size
+        self.groups_per_partition = max(1, config.num_query_groups // tp_size)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.k_channels)
+        )
+        self.window_size = (
+            config.window_size
+            if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+            else None
+        )
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"softmax_type={config.softmax_type!r} is not supported by SDPAttention")
+
+    def _mask(self, attention_mask, attn_mask_type, sq, sk, device):
+        """Boolean 'may attend' mask for SDPA, or None when SDPA's own is_causal suffices."""
+        allowed = None
+        if attention_mask is not None:
+            allowed = ~attention_mask.bool()
+        causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        if causal or self.window_size is not None:
+            q_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+            k_pos = torch.arange(sk, device=device).unsqueeze(0)
+            band = k_pos <= q_pos
+            if self.window_size is not None:
+                left, right = self.window_size
+                if left is not None and left >= 0:
+                    band = band & (k_pos >= q_pos - left)
+            allowed = band if allowed is None else allowed & band
+        return allowed
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences need transformer-engine attention (data.pack_sequences)")
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by SDPAttention")
+        attn_mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b = query.shape[0], query.shape[1]
+        sk = key.shape[0]
+        # [s, b, h, d] -> [b, h, s, d]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+
+        causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        use_is_causal = (
+            causal and attention_mask is None and self.window_size is None and sq == sk and sq > 1
+        )
+        mask = None if use_is_causal or (sq == 1 and attention_mask is None and self.window_size is None) else (
+            self._mask(attention_mask, attn_mask_type, sq, sk, query.device)
+        )
+        if mask is not None:
+            # a query row with nothing to attend to (a left-padding position) would give NaN through
+            # the softmax; let such rows attend everywhere: their outputs are never used
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+
+        dropout_p = self.dropout_p if self.training else 0.0
+        enable_gqa = self.heads_per_partition != k.shape[1]
+
+        def attend():
+            return F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=use_is_causal,
+                scale=self.softmax_scale,
+                enable_gqa=enable_gqa,
+            )
+
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
+        # [b, h, sq, dv] -> [sq, b, h*dv]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.v_channels)

@@ -1,0 +1,68 @@
+"""RMSNorm / LayerNorm for megatron layer specs when transformer-engine is absent.
+
+megatron's `WrappedTorchNorm` refuses `sequence_parallel` and `layernorm_zero_centered_gamma`; Gemma
+needs the latter ((1 + w) RMSNorm) and every TP recipe wants the former. Both are simple:
+- zero-centered gamma stores w and scales by (1 + w), so HF Gemma weights copy unchanged;
+- under sequence parallelism each TP rank sees a different slice of tokens, so the norm's weight
+  gradients differ per rank; megatron all-reduces grads of params flagged `sequence_parallel=True`
+  across the TP group (finalize_model_grads), so we only need to set the flag.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+
+class Norm(torch.nn.Module):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str | None = None,
+    ):
+        super().__init__()
+        self.normalization = normalization or config.normalization
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(
+                f"model normalization={self.normalization!r} is not supported "
+                "(allowed: RMSNorm, LayerNorm)"
+            )
+        self.eps = eps
+        self.zero_centered_gamma = zero_centered_gamma or config.layernorm_zero_centered_gamma
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
+        self.bias = (
+            torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
+            if self.normalization == "LayerNorm"
+            else None
+        )
+        self.reset_parameters()
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            if self.zero_centered_gamma:
+                self.weight.zero_()
+            else:
+                self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the activation dtype, as the HF reference models do
+        h = x.float()
+        if self.normalization == "LayerNorm":
+            h = h - h.mean(-1, keepdim=True)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered_gamma:
+            # Gemma: scale by (1 + w) in fp32, then cast
+            out = (h * (1.0 + self.weight.float())).to(x.dtype)
+        else:
+            # Llama/Qwen: cast the normalised activations first, then scale
+            out = self.weight * h.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out

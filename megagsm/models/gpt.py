@@ -1,0 +1,50 @@
+"""Builds a megatron GPTModel for this rank's pipeline stage from a TransformerConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megagsm.layers.spec import decoder_block_spec
+
+
+@dataclass
+class GPTArchitecture:
+    """The GPTModel arguments that are not part of TransformerConfig."""
+
+    vocab_size: int
+    max_sequence_length: int
+    position_embedding_type: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    seq_len_interpolation_factor: float | None = None
+    share_embeddings_and_output_weights: bool = False
+
+
+def build_gpt_model(
+    config: TransformerConfig, arch: GPTArchitecture, vp_stage: int | None = None
+) -> GPTModel:
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_sequence_length,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=arch.share_embeddings_and_output_weights,
+        position_embedding_type=arch.position_embedding_type,
+        rotary_base=arch.rotary_base,
+        rotary_percent=arch.rotary_percent,
+        seq_len_interpolation_factor=arch.seq_len_interpolation_factor,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunks(config: TransformerConfig, arch: GPTArchitecture) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None or vpp == 1:
+        return [build_gpt_model(config, arch)]
+    return [build_gpt_model(config, arch, vp_stage=i) for i in range(vpp)]

@@ -1,0 +1,1 @@
+"""Test utilities reused across the suite: multi-rank launches and the layout-parity harness."""
