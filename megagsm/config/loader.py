@@ -25,9 +25,6 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         _merge_into(cfg, _parse_override(item), where=f"override '{item}'")
     try:
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(f"{missing[0]}: value is missing ('???')")
         return OmegaConf.to_object(cfg)
     except oc_errors.OmegaConfBaseException as e:  # e.g. a broken ${interpolation}
         raise ConfigError(_describe(e)) from None
