@@ -33,7 +33,7 @@ def parallel_fields(parallel: ParallelConfig) -> dict:
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         # megatron rejects sequence parallelism without tensor parallelism
-        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+        sequence_parallel=parallel.sequence_parallel_active,
     )
 
 
