@@ -10,6 +10,7 @@ from megatron.core import parallel_state as ps
 from megagsm.generation.forward import StageRunner, sequence_parallel_off
 from megagsm.generation.kv_cache import KVCache
 from megagsm.generation.mode import generation_mode, unwrap
+from megagsm.generation.rope_cache import rope_once, rotate_keys
 from megagsm.generation.sampling import Sampler, SamplingParams
 from megagsm.generation.stopping import (
     FINISH_EOS,
@@ -17,6 +18,7 @@ from megagsm.generation.stopping import (
     FINISH_STOP_STRING,
     StopChecker,
 )
+from megagsm.runtime import cpu_compat
 
 PADDING_SIDES = ("left", "right")
 
@@ -64,7 +66,9 @@ def generate(
     if any(len(p) == 0 for p in prompts_token_ids):
         raise ValueError("every prompt needs at least one token")
     gpt = unwrap(model)
-    with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config):
+    # the CPU layer's per-call torch-function hook costs ~15% of a decoding step; megatron's
+    # inference path needs only its module-level patches (checked by the multi-rank tests)
+    with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
         runner = StageRunner(gpt, gpt.config)
         try:
             return _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
@@ -122,15 +126,15 @@ class _Generation:
         cache = KVCache(self.model, max_batch=max(N, P), max_seq=L + T, dtype=self.dtype,
                         device=self.device, extra_bytes=logits_bytes, budget_bytes=self.kv_cache_bytes)
         try:
-            logits = self._prefill(cache, lens, prompt_tokens, prompt_pad)
-            key_pad = torch.zeros(N, L + T, dtype=torch.bool)
-            left_pad = L - lens  # after prefill every row is left-padded in the cache
-            cols = torch.arange(L + T)
-            key_pad[:] = (cols.unsqueeze(0) < left_pad.repeat_interleave(n).unsqueeze(1))
-            cache.expand_rows(P, n)
-            if logits is not None and n > 1:
-                logits = logits.repeat_interleave(n, dim=0)
-            self._decode(cache, logits, key_pad, L)
+            with rope_once(self.model, cache):
+                logits = self._prefill(cache, lens, prompt_tokens, prompt_pad)
+                # after the prefill every row is left-padded in the cache
+                cols = torch.arange(L + T)
+                key_pad = cols.unsqueeze(0) < (L - lens).repeat_interleave(n).unsqueeze(1)
+                cache.expand_rows(P, n)
+                if logits is not None and n > 1:
+                    logits = logits.repeat_interleave(n, dim=0)
+                self._decode(cache, logits, key_pad, L)
         finally:
             cache.release()
         return self._output(n)
@@ -153,7 +157,7 @@ class _Generation:
             self.runner.last_token_index = None
         cache.increment_sequence_len_offset(L)
         if self.padding_side == "right" and padded:
-            cache.shift_rows_right(L - lens, L)
+            cache.shift_rows_right(L - lens, L, rotate=lambda k, s: rotate_keys(self.model, k, s))
         return logits
 
     # ---------------------------------------------------------------- decode loop

@@ -55,9 +55,9 @@ class StageRunner:
         last = output[self.last_token_index, rows]
         return torch.cat([output[:-1], last.unsqueeze(0)], dim=0)
 
-    def forward(self, tokens, positions, attention_mask, context, padding_mask=None):
-        """tokens/positions [b, s] (needed on the first stage). Returns logits [b, V] on the last
-        stage, None elsewhere."""
+    def forward(self, tokens, positions, attention_mask, context, padding_mask=None, last_only=True):
+        """tokens/positions [b, s] (needed on the first stage). Returns logits [b, V] of the last
+        position ([b, s, V] of all with last_only=False) on the last stage, None elsewhere."""
         b, s = tokens.shape
         if not self.first:
             recv = torch.empty(s, b, self.hidden, dtype=self.pipe_dtype, device=self.device)
@@ -74,7 +74,7 @@ class StageRunner:
         if not self.last:
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None
-        return out[:, -1, :]
+        return out[:, -1, :] if last_only else out
 
     def share(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None, b: int):
         """Broadcasts the sampler rank's (tokens, logprobs) [b] to the model-parallel group."""

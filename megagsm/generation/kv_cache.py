@@ -21,6 +21,13 @@ from megatron.core.transformer.attention import Attention
 GIB = 1024**3
 
 
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 class KVCacheTooLarge(RuntimeError):
     pass
 
@@ -99,16 +106,25 @@ class KVCache(StaticInferenceContext):
         if need + extra_bytes > budget_bytes:
             raise KVCacheTooLarge(
                 f"the KV cache for batch {max_batch} x {max_seq} positions needs "
-                f"{need / GIB:.3f} GiB ({self.shape.describe(max_batch, max_seq)}) plus "
-                f"{extra_bytes / GIB:.3f} GiB of logits/activations, but only {budget_bytes / GIB:.3f} "
-                f"GiB is available ({source}). Lower the batch (prompts x n), the prompt length or "
+                f"{format_bytes(need)} ({self.shape.describe(max_batch, max_seq)} = {need} bytes) "
+                f"plus {format_bytes(extra_bytes)} for logits, but only {format_bytes(budget_bytes)} "
+                f"is available ({source}). Lower the batch (prompts x n), the prompt length or "
                 f"max_new_tokens, or pass a larger kv_cache_bytes."
             )
         self.nbytes = need
+        self.keys_rotated = False  # set by rope_cache.rope_once: keys are stored after RoPE
+
+        def buffer(attn, dim):
+            # megatron indexes [seq, batch, groups, dim]; stored batch-major underneath so that one
+            # row's keys are contiguous for the attention matmuls and row moves copy whole blocks
+            groups = attn.num_query_groups_per_partition
+            return torch.empty(max_batch, groups, max_seq, dim, dtype=dtype, device=device).permute(
+                2, 0, 1, 3
+            )
+
         for attn in attention_layers(model):
             self.key_value_memory_dict[attn.layer_number] = (
-                attn._allocate_memory(max_seq, max_batch, attn.key_hidden_size, dtype),
-                attn._allocate_memory(max_seq, max_batch, attn.val_hidden_size, dtype),
+                buffer(attn, attn.key_hidden_size), buffer(attn, attn.val_hidden_size)
             )
 
     @torch.no_grad()
@@ -133,15 +149,19 @@ class KVCache(StaticInferenceContext):
             value[:upto, : rows * n] = value[:upto, index]
 
     @torch.no_grad()
-    def shift_rows_right(self, shifts: torch.Tensor, length: int) -> None:
+    def shift_rows_right(self, shifts: torch.Tensor, length: int, rotate=None) -> None:
         """Right-aligns row i's first length - shifts[i] positions (a right-padded prefill becomes the
-        left-padded layout decoding needs). RoPE is applied to cached keys on read with the cache
-        position, and every key of a row moves by the same amount, so attention is unchanged."""
-        for key, value in self.key_value_memory_dict.values():
-            for buf in (key, value):
-                for row in torch.nonzero(shifts).flatten().tolist():
-                    s = int(shifts[row])
-                    buf[s:length, row] = buf[: length - s, row].clone()
+        left-padded layout decoding needs). Every key of a row moves by the same amount, so relative
+        positions, all RoPE attention sees, are unchanged: un-rotated keys (megatron's layout) just
+        move; rotated keys (`keys_rotated`) are also turned by the shift with `rotate(keys, shift)`."""
+        for row in torch.nonzero(shifts).flatten().tolist():
+            s = int(shifts[row])
+            for key, value in self.key_value_memory_dict.values():
+                moved = key[: length - s, row].clone()
+                if self.keys_rotated:
+                    moved = rotate(moved.unsqueeze(1), s).squeeze(1)
+                key[s:length, row] = moved
+                value[s:length, row] = value[: length - s, row].clone()
 
     def _device(self):
         for key, _ in self.key_value_memory_dict.values():

@@ -88,11 +88,12 @@ class Sampler:
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             # rows of a padded embedding table are not tokens
             logits = logits[:, : self.vocab_limit]
+        full = logits.float()  # one fp32 copy: reductions over bf16 are slow on CPU and coarse
         if p.is_greedy:
-            tokens = logits.argmax(dim=-1)
-            return tokens, self._raw_logprobs(logits, tokens)
+            tokens = full.argmax(dim=-1)
+            return tokens, self._raw_logprobs(full, tokens)
 
-        scaled = logits.float()
+        scaled = full
         if p.temperature != 1.0:
             scaled = scaled / p.temperature
         if p.top_k > 0 and p.top_k < scaled.shape[-1]:
@@ -111,11 +112,11 @@ class Sampler:
         tokens = choice.squeeze(-1) if cand_ids is None else cand_ids.gather(-1, choice).squeeze(-1)
         if p.logprobs == "processed":
             return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1)
-        return tokens, self._raw_logprobs(logits, tokens)
+        return tokens, self._raw_logprobs(full, tokens)
 
-    def _raw_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+    def _raw_logprobs(self, full: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """log_softmax(full)[token] without materialising the whole log_softmax."""
         if self.params.logprobs == "none":
             return None
-        full = logits.float()
         picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(full, dim=-1)

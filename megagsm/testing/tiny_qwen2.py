@@ -129,18 +129,42 @@ def hf_to_megatron_state(hf_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_megatron_from_hf(hf_model, params_dtype=torch.float32, **config_overrides):
-    """This rank's GPTModel stage (runtime already initialised) holding hf_model's weights."""
-    from megatron.core import parallel_state as ps
+def build_megatron_from_hf(hf_model, params_dtype=torch.float32, parallel=None, **config_overrides):
+    """This rank's GPTModel stage (runtime already initialised for `parallel`) holding hf_model's
+    weights."""
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.models.training import parallel_fields
 
+    fields = parallel_fields(parallel or ParallelConfig())
+    fields.pop("tensor_model_parallel_size")
+    fields.pop("pipeline_model_parallel_size")
     cfg = megatron_config(
         hf_model.config,
-        tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
+        tp=(parallel or ParallelConfig()).tp,
+        pp=(parallel or ParallelConfig()).pp,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        **fields,
         **config_overrides,
     )
     model = build_gpt_model(cfg, architecture(hf_model.config))
     full = hf_to_megatron_state(hf_model)
     load_full_state_dict([model], {k: v.to(params_dtype) for k, v in full.items()})
     return model.eval()
+
+
+def char_tokenizer(vocab_size: int = 256):
+    """A character-level PreTrainedTokenizerFast with `vocab_size` ids: 0 <pad>, 1 <eos>, then one
+    character per id (printable ASCII first), so any id sequence decodes to text and back."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    chars += [chr(0x100 + i) for i in range(vocab_size - 2 - len(chars))]
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars[: vocab_size - 2])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
