@@ -22,6 +22,7 @@ Memory model (per rank):
 - Rows: finished sequences leave the batch at once (their cache rows are overwritten by live ones),
   so compute follows the number of running sequences; n samples of a prompt share one prefill.
 """
+from megagsm.generation.batched import concat_outputs, generate_batched
 from megagsm.generation.engine import GenerationOutput, generate
 from megagsm.generation.kv_cache import KVCache, KVCacheTooLarge
 from megagsm.generation.mode import generation_mode
@@ -30,5 +31,6 @@ from megagsm.generation.stopping import FINISH_EOS, FINISH_LENGTH, FINISH_STOP_S
 
 __all__ = [
     "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP_STRING", "GenerationOutput", "KVCache",
-    "KVCacheTooLarge", "Sampler", "SamplingParams", "generate", "generation_mode",
+    "KVCacheTooLarge", "Sampler", "SamplingParams", "concat_outputs", "generate", "generate_batched",
+    "generation_mode",
 ]
