@@ -143,6 +143,9 @@ def test_expert_parallel_lockstep(single, pair):
         assert result["ep2_sample_lp_err"] < LP_ATOL
     assert pair[0]["ep2_empty_rank_lengths"] == [4, 4, 4]
     assert pair[1]["ep2_empty_rank_lengths"] == []
+    for result in pair:  # batched into groups of 2 prompts: same completions, prompt order kept
+        assert result["ep2_batched_completions"] == result["ep2_eos_completions"]
+        assert result["ep2_batched_prompt_index"] == list(range(len(result["ep2_eos_completions"])))
 
 
 # ------------------------------------------------------------------ in-process units

@@ -237,4 +237,10 @@ def two_rank_cases(moe_state, moe_eos_id) -> dict:
     # a rank with no prompts at all still serves the other's expert exchanges
     r = generate(moe, mine if dist.get_rank() == 0 else [], SamplingParams(max_new_tokens=4, greedy=True))
     out["ep2_empty_rank_lengths"] = r.lengths.tolist()
+    # more prompts than one batch: rank 0 runs 2 groups, rank 1 one group and one empty group
+    from megagsm.generation import generate_batched
+
+    r = generate_batched(moe, mine, params, max_batch_size=2)
+    out["ep2_batched_completions"] = r.completions()
+    out["ep2_batched_prompt_index"] = r.prompt_index
     return out
