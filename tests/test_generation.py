@@ -42,6 +42,7 @@ def pair(single):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_greedy_matches_transformers(single, side):
     assert single[f"greedy_{side}"] == single["hf"]
+    assert single[f"greedy_{side}_chunked"] == single["hf"]
     assert single[f"greedy_{side}_reasons"] == ["length"] * len(single["hf"])
     assert single[f"greedy_{side}_lp_err"] < LP_ATOL
 
@@ -145,6 +146,7 @@ def test_expert_parallel_lockstep(single, pair):
     assert pair[1]["ep2_empty_rank_lengths"] == []
     for result in pair:  # batched into groups of 2 prompts: same completions, prompt order kept
         assert result["ep2_batched_completions"] == result["ep2_eos_completions"]
+        assert result["ep2_chunked_completions"] == result["ep2_eos_completions"]
         assert result["ep2_batched_prompt_index"] == list(range(len(result["ep2_eos_completions"])))
 
 

@@ -55,11 +55,12 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
     key = apply_rotary_pos_emb(key, k_freqs[start:end], config=self.config, mscale=mscale,
                                cp_group=cp)
     keys, values = cache.key_value_memory_dict[self.layer_number]
-    keys[start:end, :b] = key
-    values[start:end, :b] = value
+    rows = slice(cache.batch_size_offset, cache.batch_size_offset + b)  # prefill in row chunks
+    keys[start:end, rows] = key
+    values[start:end, rows] = value
     # past the prompt the single new query sees every cached position
     mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
-    return query, keys[:end, :b], values[:end, :b], None, mask_type, None
+    return query, keys[:end, rows], values[:end, rows], None, mask_type, None
 
 
 def rope_layers(model) -> list[Attention]:

@@ -116,6 +116,9 @@ def single_process_cases() -> dict:
         out[f"greedy_{side}"] = r.completions()
         out[f"greedy_{side}_lp_err"] = forward_logprobs(model, ps_, r)
         out[f"greedy_{side}_reasons"] = r.finish_reasons
+        # prefill in row chunks (batch offsets into the cache): 1-2 prompts per chunk
+        r = generate(model, ps_, greedy, padding_side=side, max_prefill_tokens=2 * 13)
+        out[f"greedy_{side}_chunked"] = r.completions()
 
     sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, top_k=40, top_p=0.9, n=3, seed=5)
     a = generate(model, ps_, sampled)
@@ -242,5 +245,8 @@ def two_rank_cases(moe_state, moe_eos_id) -> dict:
 
     r = generate_batched(moe, mine, params, max_batch_size=2)
     out["ep2_batched_completions"] = r.completions()
+    # prefill chunks: 3 on rank 0, 1 on rank 1 (which joins the other two with dummy forwards)
+    r = generate(moe, mine, params, max_prefill_tokens=7)
+    out["ep2_chunked_completions"] = r.completions()
     out["ep2_batched_prompt_index"] = r.prompt_index
     return out
