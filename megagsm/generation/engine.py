@@ -74,10 +74,13 @@ def generate(
     with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
         runner = StageRunner(gpt, gpt.config)
         try:
-            return _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
-                               pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens).run()
+            out = _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
+                              pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens).run()
         finally:
             runner.close()
+    # made under inference_mode: clones are ordinary tensors the trainer may use freely
+    out.tokens, out.logprobs, out.lengths = out.tokens.clone(), out.logprobs.clone(), out.lengths.clone()
+    return out
 
 
 class _Generation:

@@ -69,6 +69,27 @@ def forward_logprobs(model, prompt_ids, result) -> float:
     return worst
 
 
+def train_step_after_generation(model, tokens: list[int]) -> bool:
+    """A training forward + backward on the same model right after generate(): nothing created under
+    generation's inference_mode may leak into the training graph. Returns whether grads are finite."""
+    from megagsm.generation.mode import unwrap
+
+    gpt = unwrap(model)
+    was = gpt.training
+    gpt.train()
+    gpt.zero_grad(set_to_none=True)
+    ids = torch.tensor([tokens])
+    out = gpt(ids, torch.arange(len(tokens))[None], None, labels=ids)
+    if out is None or not torch.is_tensor(out) or not gpt.post_process:
+        ok = True  # a pipeline stage without the loss: nothing to backprop alone
+    else:
+        out.float().mean().backward()
+        ok = all(torch.isfinite(p.grad).all() for p in gpt.parameters() if p.grad is not None)
+    gpt.zero_grad(set_to_none=True)
+    gpt.train(was)
+    return bool(ok)
+
+
 def _init(parallel: ParallelConfig, seed=1234):
     from megagsm.runtime import init_runtime
 
@@ -176,6 +197,7 @@ def single_process_cases() -> dict:
     out["grads_untouched"] = len(grads) > 0 and all(
         torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if n in grads)
     out["train_mode_greedy_equal"] = r.completions() == out["greedy_left"]
+    out["train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
     model.eval()
 
     moe, full_state = moe_model(ParallelConfig())
@@ -224,6 +246,8 @@ def two_rank_cases(moe_state, moe_eos_id) -> dict:
         out[f"{name}_sample"] = r.completions()
         again = generate(model, mine, sampled)
         out[f"{name}_sample_reproducible"] = again.completions() == r.completions()
+        if name != "pp2":  # (a pipeline needs the schedule to train; generation itself is tested)
+            out[f"{name}_train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
 
     # MoE, expert parallel: ranks hold different prompts and finish at different steps, so the
     # finished rank keeps joining the other's expert exchanges (lockstep dummy forwards)
@@ -248,5 +272,6 @@ def two_rank_cases(moe_state, moe_eos_id) -> dict:
     # prefill chunks: 3 on rank 0, 1 on rank 1 (which joins the other two with dummy forwards)
     r = generate(moe, mine, params, max_prefill_tokens=7)
     out["ep2_chunked_completions"] = r.completions()
+    out["ep2_train_after_generate"] = train_step_after_generation(moe, mp[3][:6])
     out["ep2_batched_prompt_index"] = r.prompt_index
     return out
