@@ -143,7 +143,7 @@ class _Generation:
                 cache.expand_rows(P, n)
                 if logits is not None and n > 1:
                     logits = logits.repeat_interleave(n, dim=0)
-                self._decode(cache, logits, key_pad, L)
+                self._decode(cache, logits, key_pad)
         finally:
             cache.release()
         return self._output(n)
@@ -186,8 +186,10 @@ class _Generation:
         return torch.cat(parts) if parts and parts[0] is not None else None
 
     # ---------------------------------------------------------------- decode loop
-    def _decode(self, cache, logits, key_pad, L):
-        p, runner = self.params, self.runner
+    def _decode(self, cache, logits, key_pad):
+        """Sample, record, retire finished rows (their cache rows are refilled from the tail), and
+        run the next step on the rows still going. Every sequence is at the same step."""
+        runner = self.runner
         N, T = self.out_tokens.shape
         seq_ids = torch.arange(N)            # sequence held by each cache row
         padded_rows = bool(key_pad.any())
@@ -280,10 +282,7 @@ class _Generation:
             )
             texts = [self.stop.truncate_text(t) if r == FINISH_STOP_STRING else t
                      for t, r in zip(texts, self.reasons)]
-        width = int(self.lengths.max()) if N else 0
-        for j in range(N):  # clear what a row wrote after it finished (rows are reused)
-            self.out_tokens[j, int(self.lengths[j]):] = self.pad_id
-            self.out_logprobs[j, int(self.lengths[j]):] = 0.0
+        width = int(self.lengths.max()) if N else 0  # a sequence is written only while it runs
         return GenerationOutput(
             tokens=self.out_tokens[:, :width].clone(),
             logprobs=self.out_logprobs[:, :width].clone(),
