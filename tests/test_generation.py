@@ -107,6 +107,11 @@ def test_train_generate_switch_shares_weights(single):
 
 
 @pytest.mark.multirank
+def test_cpu_compat_suspension_is_scoped(single):
+    assert single["suspended_mode_off"] and single["mode_back"]
+
+
+@pytest.mark.multirank
 def test_moe_logprobs_match_forward(single):
     assert single["moe_greedy_lp_err"] < LP_ATOL
     assert single["moe_sample_lp_err"] < LP_ATOL

@@ -127,6 +127,15 @@ def single_process_cases() -> dict:
 
     _init(ParallelConfig())
     out = {}
+    from megagsm.runtime import cpu_compat
+
+    with cpu_compat.suspended():  # generation's fast path: the torch-function mode is off...
+        try:
+            torch.zeros(1, device="cuda")
+            out["suspended_mode_off"] = False
+        except (RuntimeError, AssertionError):
+            out["suspended_mode_off"] = True
+    out["mode_back"] = str(torch.zeros(1, device="cuda").device) == "cpu"  # ...and back after
     hf = dense_hf()
     ps_ = prompts()
     out["hf"] = hf_greedy(hf, ps_)
