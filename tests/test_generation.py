@@ -289,3 +289,14 @@ def test_decode_attention_step_matches_reference():
     scores = scores.masked_fill(mask, float("-inf"))
     ref = torch.einsum("bhqk,kbhd->qbhd", torch.softmax(scores, -1), vv).reshape(1, b, 32)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_params_from_generation_config():
+    from megagsm.config.generation import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=7, temperature=0.0, top_k=5, top_p=0.9, n_samples=4,
+                           seed=3, stop=["</answer>"])
+    p = SamplingParams.from_config(cfg, stop_token_ids=[2])
+    assert p.is_greedy and p.max_new_tokens == 7 and p.n == 4 and p.seed == 3
+    assert p.top_k == 5 and p.top_p == 0.9
+    assert p.stop_token_ids == (2,) and p.stop_strings == ("</answer>",)
