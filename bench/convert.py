@@ -4,9 +4,9 @@
     python bench/convert.py --size-gb 0.05  # quicker
 
 Writes a synthetic HF checkpoint (random bf16 weights, 512 MB shards), then times in fresh
-processes: (1) plain copy: every shard read with safetensors.load_file and written back with
+processes (each measurement repeated, the fastest run counts): (1) plain copy: every shard read with safetensors.load_file and written back with
 save_file; (2) hf-to-mcore (1 process); (3) mcore-to-hf (1 process). Checks the round trip is
-bit-exact and prints one JSON line. Peak RSS is ru_maxrss of each process; `over_baseline` subtracts
+bit-exact and prints one JSON line. Peak RSS is VmHWM of each process; `over_baseline` subtracts
 the RSS the process already had before converting (python + torch + megatron + runtime).
 Goals (issue 3): conversion within 2x the plain copy's time; peak RSS over baseline < 3x the largest tensor.
 """
@@ -34,6 +34,14 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """Peak RSS of this process image: VmHWM (reset by exec, unlike ru_maxrss, which a child
+    inherits from the process that forked it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -73,48 +81,52 @@ def make_checkpoint(args, directory: Path) -> dict:
     return {"model_bytes": writer.total_bytes, "largest_tensor_bytes": largest, "tensors": len(shapes)}
 
 
-def phase(name: str, work: Path) -> dict:
-    """Runs in a fresh process; returns timing and memory of one conversion."""
+def phase(name: str, work: Path, repeat: int) -> dict:
+    """Runs in a fresh process: `repeat` conversions, the fastest one counts (the machine is shared)."""
     if name == "copy":
         from safetensors.torch import load_file, save_file
 
-        baseline = _rss_mb()
-        out = work / "copy"
-        out.mkdir()
-        start = time.perf_counter()
-        for f in sorted((work / "hf").glob("*.safetensors")):
-            save_file(load_file(f), out / f.name, metadata={"format": "pt"})
-        seconds = time.perf_counter() - start
+        def once():
+            out = work / "copy"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            for f in sorted((work / "hf").glob("*.safetensors")):
+                save_file(load_file(f), out / f.name, metadata={"format": "pt"})
     elif name == "hf_to_mcore":
         from megagsm.checkpoint.hf_to_mcore import convert_hf_to_mcore
         from megagsm.config.parallel import ParallelConfig
-        from megagsm.runtime import init_runtime, shutdown_runtime
+        from megagsm.runtime import init_runtime
 
         parallel = ParallelConfig(backend="gloo")
         init_runtime(parallel)
-        baseline = _rss_mb()
-        start = time.perf_counter()
-        convert_hf_to_mcore(work / "hf", work / "mcore", parallel, progress=False)
-        seconds = time.perf_counter() - start
-        shutdown_runtime()
-    elif name == "mcore_to_hf":
-        from megagsm.checkpoint import mcore_to_hf  # noqa: F401  (imports before the baseline)
 
-        baseline = _rss_mb()
-        start = time.perf_counter()
-        mcore_to_hf.convert_mcore_to_hf(work / "mcore", work / "back", max_shard_bytes=512 * 2**20,
-                                        progress=False)
-        seconds = time.perf_counter() - start
+        def once():
+            shutil.rmtree(work / "mcore", ignore_errors=True)
+            convert_hf_to_mcore(work / "hf", work / "mcore", parallel, progress=False)
+    elif name == "mcore_to_hf":
+        from megagsm.checkpoint.mcore_to_hf import convert_mcore_to_hf
+
+        def once():
+            shutil.rmtree(work / "back", ignore_errors=True)
+            convert_mcore_to_hf(work / "mcore", work / "back", max_shard_bytes=512 * 2**20, progress=False)
     else:
         raise ValueError(name)
+    baseline = _rss_mb()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
     peak = _peak_mb()
-    return {"seconds": round(seconds, 3), "baseline_rss_mb": round(baseline, 1),
-            "peak_rss_mb": round(peak, 1), "over_baseline_mb": round(peak - baseline, 1)}
+    return {"seconds": round(min(times), 3), "all_seconds": [round(t, 3) for t in times],
+            "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
+            "over_baseline_mb": round(peak - baseline, 1)}
 
 
-def _run_phase(name: str, work: Path) -> dict:
+def _run_phase(name: str, work: Path, repeat: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(work)],
+    done = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(work),
+                           "--repeat", str(repeat)],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"phase {name} failed:\n{done.stderr[-3000:]}")
@@ -152,10 +164,11 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=16, help="KV heads (default 16)")
     parser.add_argument("--layers", type=int, default=None, help="layers (default: from --size-gb)")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, fastest counts (default 3)")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
-        print(json.dumps(phase(args.phase, Path(args.workdir))))
+        print(json.dumps(phase(args.phase, Path(args.workdir), args.repeat)))
         return
 
     h, f, v, kv = args.hidden, args.ffn, args.vocab, args.kv_heads * (args.hidden // args.heads)
@@ -165,9 +178,9 @@ def main() -> None:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="megagsm-bench-convert-"))
     try:
         sizes = make_checkpoint(args, work / "hf")
-        copy = _run_phase("copy", work)
-        to_mcore = _run_phase("hf_to_mcore", work)
-        to_hf = _run_phase("mcore_to_hf", work)
+        copy = _run_phase("copy", work, args.repeat)
+        to_mcore = _run_phase("hf_to_mcore", work, args.repeat)
+        to_hf = _run_phase("mcore_to_hf", work, args.repeat)
         exact = _same_tensors(work / "hf", work / "back")
         mb = sizes["model_bytes"] / 1e6
         for result in (copy, to_mcore, to_hf):

@@ -160,11 +160,31 @@ class DcpReader:
         return {k: v for k, v in self.metadata.state_dict_metadata.items()
                 if isinstance(v, TensorStorageMetadata)}
 
+    def _whole_chunk_file(self, key: str, md: TensorStorageMetadata, offsets, sizes) -> torch.Tensor | None:
+        """Fast path: the region is exactly one stored chunk that has a file of its own (as megagsm's
+        writer stores them): memory-map it instead of reading and copying it (no anonymous memory)."""
+        for chunk in md.chunks:
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
+                break
+        else:
+            return None
+        info = getattr(self.reader, "storage_data", {}).get(MetadataIndex(key, chunk.offsets))
+        if info is None or getattr(info, "transform_descriptors", None) or info.offset != 0:
+            return None
+        path = self.dir / info.relative_path
+        if path.stat().st_size != info.length:
+            return None
+        tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return tensor.reshape(tuple(sizes)) if tensor.numel() == math.prod(sizes) else None
+
     def read(self, key: str, offsets, sizes, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor `key`; every element must be stored."""
         md = self.tensors().get(key)
         if md is None:
             raise ModelInputError(f"{self.dir}: tensor {key} missing from the checkpoint")
+        whole = self._whole_chunk_file(key, md, offsets, sizes)
+        if whole is not None:
+            return whole if dtype is None else whole.to(dtype)
         out = torch.empty(tuple(sizes), dtype=md.properties.dtype)
         want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, md, [want])
