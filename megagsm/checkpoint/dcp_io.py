@@ -160,14 +160,9 @@ class DcpReader:
         return {k: v for k, v in self.metadata.state_dict_metadata.items()
                 if isinstance(v, TensorStorageMetadata)}
 
-    def _whole_chunk_file(self, key: str, md: TensorStorageMetadata, offsets, sizes) -> torch.Tensor | None:
-        """Fast path: the region is exactly one stored chunk that has a file of its own (as megagsm's
-        writer stores them): memory-map it instead of reading and copying it (no anonymous memory)."""
-        for chunk in md.chunks:
-            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
-                break
-        else:
-            return None
+    def _chunk_file(self, key: str, chunk) -> torch.Tensor | None:
+        """A stored chunk that has a file of its own (as megagsm's writer stores them), memory-mapped:
+        no read and no anonymous copy. None for chunks packed into shared files."""
         info = getattr(self.reader, "storage_data", {}).get(MetadataIndex(key, chunk.offsets))
         if info is None or getattr(info, "transform_descriptors", None) or info.offset != 0:
             return None
@@ -175,16 +170,42 @@ class DcpReader:
         if path.stat().st_size != info.length:
             return None
         tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return tensor.reshape(tuple(sizes)) if tensor.numel() == math.prod(sizes) else None
+        return tensor.reshape(tuple(chunk.sizes)) if tensor.numel() == math.prod(chunk.sizes) else None
+
+    def _from_chunk_files(self, key: str, md: TensorStorageMetadata, offsets, sizes) -> torch.Tensor | None:
+        """The region assembled from memory-mapped chunk files; returned without a copy when it is
+        exactly one chunk. None when some chunk it needs is not in a file of its own."""
+        lo, hi = list(offsets), [o + n for o, n in zip(offsets, sizes)]
+        parts = []
+        for chunk in md.chunks:
+            c_lo, c_hi = list(chunk.offsets), [o + n for o, n in zip(chunk.offsets, chunk.sizes)]
+            a = [max(x, y) for x, y in zip(lo, c_lo)]
+            b = [min(x, y) for x, y in zip(hi, c_hi)]
+            if all(x < y for x, y in zip(a, b)):
+                parts.append((chunk, a, b))
+        if sum(math.prod(y - x for x, y in zip(a, b)) for _, a, b in parts) != math.prod(sizes):
+            return None
+        if len(parts) == 1 and list(parts[0][0].offsets) == lo and list(parts[0][0].sizes) == list(sizes):
+            return self._chunk_file(key, parts[0][0])
+        out = None
+        for chunk, a, b in parts:
+            data = self._chunk_file(key, chunk)
+            if data is None:
+                return None
+            if out is None:
+                out = torch.empty(tuple(sizes), dtype=data.dtype)
+            src = data[tuple(slice(x - c, y - c) for x, y, c in zip(a, b, chunk.offsets))]
+            out[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))] = src
+        return out
 
     def read(self, key: str, offsets, sizes, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor `key`; every element must be stored."""
         md = self.tensors().get(key)
         if md is None:
             raise ModelInputError(f"{self.dir}: tensor {key} missing from the checkpoint")
-        whole = self._whole_chunk_file(key, md, offsets, sizes)
-        if whole is not None:
-            return whole if dtype is None else whole.to(dtype)
+        fast = self._from_chunk_files(key, md, offsets, sizes)
+        if fast is not None:
+            return fast if dtype is None else fast.to(dtype)
         out = torch.empty(tuple(sizes), dtype=md.properties.dtype)
         want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, md, [want])

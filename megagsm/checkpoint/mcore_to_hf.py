@@ -95,6 +95,26 @@ def plan_export(provider: ModelProvider, reader: DcpReader, dtype: torch.dtype |
     return [j for _, _, j in sorted(jobs, key=lambda t: (t[0], t[1]))]
 
 
+def _hf_tensors(reader: DcpReader, job: _Job, dims):
+    """(name, tensor) of one job. HF tensors that are one row range of the fused tensor (copies,
+    gate/up halves) are read as that range alone, often one stored chunk (memory-mapped, no copy);
+    interleaved ones (q/k/v) are split out of the whole fused tensor."""
+    n_axes = len(job.rule.axes)
+    segments = job.rule.kind.segments(job.shapes, dims)
+    if all(s.source == i and s.start == 0 for i, s in enumerate(segments)) and len(segments) == len(job.names):
+        row = 0
+        for seg, name, shape in zip(segments, job.names, job.shapes):
+            region = (*([1] * n_axes), seg.rows, *job.fused_shape[1:])
+            data = reader.read(job.rule.mcore, (*job.index, row, *([0] * (len(job.fused_shape) - 1))), region,
+                               job.dtype)
+            row += seg.rows
+            yield name, data.reshape(shape)
+        return
+    fused = reader.read(job.rule.mcore, (*job.index, *([0] * len(job.fused_shape))),
+                        (*([1] * n_axes), *job.fused_shape), job.dtype).reshape(job.fused_shape)
+    yield from zip(job.names, split(job.rule, fused, dims))
+
+
 def convert_mcore_to_hf(mcore_dir, out_dir, hf_config_dir=None, max_shard_bytes: int = 5 * 2**30,
                         dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Exports a torch_dist model checkpoint to an HF model directory. One process."""
@@ -123,15 +143,11 @@ def convert_mcore_to_hf(mcore_dir, out_dir, hf_config_dir=None, max_shard_bytes:
         with atomic_dir(out_dir, overwrite=overwrite, collective=False) as tmp:
             writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
             for job in jobs:
-                n_axes = len(job.rule.axes)
-                fused = reader.read(job.rule.mcore, (*job.index, *([0] * len(job.fused_shape))),
-                                    (*([1] * n_axes), *job.fused_shape), job.dtype)
-                fused = fused.reshape(job.fused_shape)
-                for name, tensor in zip(job.names, split(job.rule, fused, dims)):
+                for name, tensor in _hf_tensors(reader, job, dims):
                     writer.write(name, tensor)
                     if bar is not None:
                         bar.update(tensor.numel() * tensor.element_size())
-                del fused
+                    del tensor
             files = writer.finish()
             copied = copy_hf_side_files(side, tmp)
             if dtype is not None:
