@@ -39,18 +39,20 @@ class _Job:
     dtype: torch.dtype
 
 
-def _indices(rule: WeightRule, md, reader: DcpReader) -> list[tuple]:
-    """The index tuples (layers, ...) of a stacked key; each must have stored data."""
+def _indices(rule: WeightRule, md, reader: DcpReader, complete: bool) -> list[tuple]:
+    """The index tuples (layer, expert, ...) a stacked key has data for. complete: every index of
+    the global shape must be there (dense models); MoE models may hold a key for some layers only
+    (e.g. dense MLPs in DeepSeek's first layers), each present index is then read whole."""
     n = len(rule.axes)
     if n == 0:
         return [()]
-    have = {tuple(c.offsets[:n]) for c in md.chunks}
-    want = sorted(set(_product(md.size[:n])))
-    lost = [i for i in want if i not in have]
-    if lost:
-        raise ModelInputError(f"{reader.dir}: tensor {rule.mcore} has no data for "
-                              f"{dict(zip(rule.axes, lost[0]))}")
-    return want
+    have = sorted({tuple(c.offsets[:n]) for c in md.chunks})
+    if complete:
+        lost = [i for i in _product(md.size[:n]) if i not in set(have)]
+        if lost:
+            raise ModelInputError(f"{reader.dir}: tensor {rule.mcore} has no data for "
+                                  f"{dict(zip(rule.axes, lost[0]))}")
+    return have
 
 
 def _product(sizes) -> list[tuple]:
@@ -88,7 +90,7 @@ def plan_export(provider: ModelProvider, reader: DcpReader, dtype: torch.dtype |
             shapes = rule.kind.hf_shapes(fused, dims)
         except ModelInputError as e:
             raise ModelInputError(f"{reader.dir}: {rule.mcore} {list(fused)}: {e}") from None
-        for index in _indices(rule, md, reader):
+        for index in _indices(rule, md, reader, complete=not provider.family.is_moe):
             order = index if index else ((-1,) if pos < first_stacked else (math.inf,))
             jobs.append((order, pos, _Job(rule, index, fused, rule.hf_names(index), shapes,
                                           dtype or md.properties.dtype)))

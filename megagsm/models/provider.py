@@ -12,6 +12,7 @@ first `provider.vocab_size` columns are real: slice them off before softmax/argm
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families.base import Family, ModelSettings
+from megagsm.layers.spec import decoder_block_spec
 from megagsm.models.gpt import GPTArchitecture, build_model_chunks
 from megagsm.models.hf_config import hf_files_dir, load_hf_config  # noqa: F401  (part of the API)
 from megagsm.models.mapping import Dims, WeightMap
@@ -30,6 +32,7 @@ from megagsm.models.mcore_checkpoint import (  # noqa: F401  (re-exported for tr
     save_mcore_checkpoint,
 )
 from megagsm.models.registry import family_for
+from megagsm.models.training import parallel_fields
 
 VOCAB_DIVISIBLE_BY = 128               # megatron-LM's make_vocab_size_divisible_by default
 
@@ -100,13 +103,7 @@ class ModelProvider:
         self.check_layout(parallel)
         kwargs = dict(
             self.settings.config,
-            tensor_model_parallel_size=parallel.tp,
-            pipeline_model_parallel_size=parallel.pp,
-            virtual_pipeline_model_parallel_size=parallel.vpp,
-            context_parallel_size=parallel.cp,
-            expert_model_parallel_size=parallel.ep,
-            expert_tensor_parallel_size=parallel.etp,
-            sequence_parallel=parallel.sequence_parallel,
+            **parallel_fields(parallel),
             params_dtype=dtype,
             pipeline_dtype=dtype,
             bf16=dtype == torch.bfloat16,
@@ -132,17 +129,20 @@ class ModelProvider:
         **overrides,
     ) -> list:
         """This rank's model chunks. The runtime (init_runtime) must be up with the same layout.
-        meta=True builds parameters on the meta device (shapes and sharding only, no memory)."""
+        meta=True builds parameters on the meta device (shapes and sharding only, no memory), always
+        with the local layer spec: its checkpoint keys are transformer-engine's, and TE modules would
+        allocate real device memory."""
         parallel = parallel or current_parallel_config()
         _check_runtime_matches(parallel)
         if meta:
-            overrides = {**overrides, "use_cpu_initialization": True, "perform_initialization": False}
+            overrides = {**overrides, "use_cpu_initialization": True, "perform_initialization": False,
+                         "init_model_with_meta_device": True}
         config = self.transformer_config(parallel, dtype, **overrides)
         arch = self.architecture(parallel.tp, vocab_divisible_by)
-        spec_fn = self.family.layer_spec_fn
+        spec_fn = partial(self.family.layer_spec_fn or decoder_block_spec,
+                          use_transformer_engine=False if meta else None)
         with torch.device("meta") if meta else _nullcontext():
-            chunks = (build_model_chunks(config, arch, spec_fn) if spec_fn
-                      else build_model_chunks(config, arch))
+            chunks = build_model_chunks(config, arch, spec_fn)
         if self.family.post_build is not None:
             for chunk in chunks:
                 self.family.post_build(chunk, self.hf_config)

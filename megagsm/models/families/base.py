@@ -24,7 +24,9 @@ class Family:
     settings: Callable[[dict], ModelSettings]         # HF config -> ModelSettings
     weights: Callable[[dict], WeightMap]              # HF config -> weight mapping
     post_build: Callable[[Any, dict], None] | None = None   # (GPTModel, HF config): forward tweaks
-    layer_spec_fn: Callable | None = None             # (TransformerConfig, vp_stage=) -> block spec
+    # (TransformerConfig, use_transformer_engine=None, vp_stage=None) -> block spec, like
+    # megagsm.layers.spec.decoder_block_spec (the default)
+    layer_spec_fn: Callable | None = None
     is_moe: bool = False
 
 
