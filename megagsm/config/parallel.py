@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -12,9 +13,22 @@ class ParallelConfig:
     cp: int = 1                     # context parallel size
     etp: int | None = None          # expert tensor parallel size (None: same as tp)
     vpp: int | None = None          # virtual pipeline stages per rank (interleaved 1F1B)
-    sequence_parallel: bool = False  # shard activations along the sequence in TP regions
+    # Shard activations along the sequence in TP regions. Like Megatron-LM's argument parsing,
+    # a request at tp=1 is not an error: it is ignored (see `sequence_parallel_active`), because
+    # megatron-core's ModelParallelConfig itself raises on sequence_parallel with tp=1.
+    sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
-    backend: str = "auto"           # auto | nccl | gloo
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor parallel size with megatron's default applied (etp=None means tp)."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def sequence_parallel_active(self) -> bool:
+        """What to pass to megatron's TransformerConfig.sequence_parallel."""
+        return self.sequence_parallel and self.tp > 1

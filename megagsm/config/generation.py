@@ -1,0 +1,16 @@
+"""Sampling settings for rollouts and evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0           # 0: greedy
+    top_k: int = 0                     # 0: off
+    top_p: float = 1.0                 # 1.0: off
+    n_samples: int = 1                 # completions per prompt at evaluation
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
+    max_batch_size: int = 8            # sequences decoded together

@@ -1,0 +1,38 @@
+"""Training loop: batch sizes, how long, checkpoints, outputs, loss kernel, LoRA."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # megatron-core linear module names the adapters wrap
+    targets: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 8         # sequences per optimizer step (SFT)
+    micro_batch_size: int = 1          # sequences per forward/backward on one rank
+    train_steps: int = 100             # optimizer steps
+    eval_interval: int = 0             # steps between evaluations; 0: only at the end
+    save_interval: int = 0             # steps between checkpoints; 0: only at the end
+    keep_last_n: int = 2               # checkpoints kept; 0 keeps all
+    output_dir: str = "runs/default"   # metrics, logs, resolved config
+    save_dir: str | None = None        # checkpoints; None: <output_dir>/checkpoints
+    resume: str = "auto"               # auto: latest in save_dir if any | none | <checkpoint path>
+    seed: int = 1234
+    log_interval: int = 1
+    loss: Literal["plain", "chunked"] = "plain"  # chunked: fused CE over vocab chunks, less memory
+    loss_chunk_size: int = 1024        # tokens per chunk for loss=chunked
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def checkpoint_dir(self) -> str:
+        return self.save_dir if self.save_dir is not None else os.path.join(self.output_dir, "checkpoints")

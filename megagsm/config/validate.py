@@ -1,0 +1,156 @@
+"""Whole-config checks that need the world size: run them before any process group starts."""
+from __future__ import annotations
+
+import logging
+import os
+
+from .errors import ConfigError
+from .layout import model_problems, parallel_problems
+from .model import REQUIRED_RANDOM_SIZES
+from .schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Raise ConfigError listing every problem (one line, '; '-separated), each naming its field."""
+    problems = parallel_problems(cfg.parallel, world_size)
+    m = cfg.model
+    problems += model_problems(cfg.parallel, m.num_layers, m.num_attention_heads, m.num_query_groups,
+                               m.num_experts, m.ffn_hidden_size)
+    problems += _model_source_problems(cfg)
+    problems += _batch_problems(cfg, world_size)
+    problems += _data_problems(cfg)
+    problems += _range_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.parallel.sequence_parallel and not cfg.parallel.sequence_parallel_active:
+        log.warning("parallel.sequence_parallel=true is ignored at parallel.tp=1 (as Megatron-LM does)")
+
+
+def _model_source_problems(cfg: RunConfig) -> list[str]:
+    m = cfg.model
+    if m.init == "hf":
+        problems = [] if m.hf_dir else ["model.hf_dir must be set when model.init='hf' "
+                                        "(or use model.init=random with model sizes)"]
+        problems += [f"model.{name}={value} is set but model.init='hf' takes sizes from hf_dir "
+                     "(allowed only with model.init=random)" for name, value in m.explicit_sizes().items()]
+        return problems
+    if m.hf_dir:
+        return []  # random weights, sizes from hf_dir's config.json (explicit ones override)
+    problems = [f"model.{name} must be set when model.init='random' and model.hf_dir is unset"
+                for name in REQUIRED_RANDOM_SIZES if getattr(m, name) is None]
+    if m.family is None:
+        problems.append("model.family must be set when model.init='random' and model.hf_dir is unset")
+    return problems
+
+
+def _batch_problems(cfg: RunConfig, world_size: int) -> list[str]:
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size < 1 or model_parallel < 1 or world_size % model_parallel or t.micro_batch_size < 1:
+        return []  # reported elsewhere
+    dp = world_size // model_parallel
+    step = t.micro_batch_size * dp
+    where = f"train.micro_batch_size*dp={step} (micro_batch_size={t.micro_batch_size}, dp={dp})"
+    if cfg.algorithm.name == "sft":
+        if t.global_batch_size >= 1 and t.global_batch_size % step:
+            return [f"train.global_batch_size={t.global_batch_size} is not a multiple of {where}"
+                    f" (allowed: {step}, {2 * step}, {3 * step}, ...)"]
+        return []
+    g = cfg.algorithm.gspo
+    if g.n_rollouts < 1 or g.prompts_per_step < 1 or g.mini_batches < 1:
+        return []  # reported by the range checks
+    rollouts = g.rollouts_per_step()
+    if rollouts % g.mini_batches:
+        return [f"algorithm.gspo.mini_batches={g.mini_batches} does not divide "
+                f"n_rollouts*prompts_per_step={rollouts}"]
+    per_update = rollouts // g.mini_batches
+    if per_update % step:
+        return [f"algorithm.gspo sequences per optimizer step (n_rollouts*prompts_per_step/mini_batches"
+                f"={per_update}) is not a multiple of {where}"]
+    return []
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    d, p, m = cfg.data, cfg.parallel, cfg.model
+    problems = []
+    if d.source in ("jsonl", "parquet", "hf") and not d.train_path:
+        problems.append(f"data.train_path must be set when data.source='{d.source}'")
+    if d.max_prompt_len + d.max_response_len > d.seq_length:
+        problems.append(f"data.max_prompt_len+max_response_len={d.max_prompt_len + d.max_response_len} "
+                        f"exceeds data.seq_length={d.seq_length}")
+    if cfg.algorithm.name == "gspo" and d.max_prompt_len + cfg.generation.max_new_tokens > d.seq_length:
+        problems.append(f"data.max_prompt_len+generation.max_new_tokens="
+                        f"{d.max_prompt_len + cfg.generation.max_new_tokens} exceeds data.seq_length={d.seq_length}")
+    if m.max_position_embeddings is not None and d.seq_length > m.max_position_embeddings:
+        problems.append(f"data.seq_length={d.seq_length} exceeds model.max_position_embeddings="
+                        f"{m.max_position_embeddings}")
+    if p.cp > 1 and d.seq_length % (2 * p.cp):
+        # megatron's context parallelism splits each sequence into 2*cp load-balanced chunks
+        problems.append(f"data.seq_length={d.seq_length} must be a multiple of 2*parallel.cp={2 * p.cp}")
+    if p.sequence_parallel_active and d.seq_length % p.tp:
+        problems.append(f"data.seq_length={d.seq_length} must be a multiple of parallel.tp={p.tp} "
+                        "with sequence_parallel")
+    return problems
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    """Plain bounds, as (dotted name, value, ok?, allowed) rows."""
+    o, t, d, gen, g = cfg.optim, cfg.train, cfg.data, cfg.generation, cfg.algorithm.gspo
+    rows = [
+        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
+        ("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, f"0 <= min_lr <= optim.lr={o.lr}"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.adam_beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "[0, 1)"),
+        ("optim.adam_beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "[0, 1)"),
+        ("optim.adam_eps", o.adam_eps, o.adam_eps > 0, "> 0"),
+        ("optim.clip_grad", o.clip_grad, o.clip_grad >= 0, ">= 0 (0 disables)"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("optim.lr_decay_steps", o.lr_decay_steps, o.lr_decay_steps is None or o.lr_decay_steps >= 1,
+         ">= 1 or null"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, ">= 1"),
+        ("train.train_steps", t.train_steps, t.train_steps >= 0, ">= 0"),
+        ("train.eval_interval", t.eval_interval, t.eval_interval >= 0, ">= 0 (0: only at the end)"),
+        ("train.save_interval", t.save_interval, t.save_interval >= 0, ">= 0 (0: only at the end)"),
+        ("train.keep_last_n", t.keep_last_n, t.keep_last_n >= 0, ">= 0 (0 keeps all)"),
+        ("train.log_interval", t.log_interval, t.log_interval >= 1, ">= 1"),
+        ("train.loss_chunk_size", t.loss_chunk_size, t.loss_chunk_size >= 1, ">= 1"),
+        ("train.resume", t.resume, t.resume in ("auto", "none") or os.path.exists(t.resume),
+         "'auto', 'none' or an existing checkpoint path"),
+        ("data.max_prompt_len", d.max_prompt_len, d.max_prompt_len >= 1, ">= 1"),
+        ("data.max_response_len", d.max_response_len, d.max_response_len >= 1, ">= 1"),
+        ("data.seq_length", d.seq_length, d.seq_length >= 1, ">= 1"),
+        ("data.n_train", d.n_train, d.n_train >= 1, ">= 1"),
+        ("data.n_test", d.n_test, d.n_test >= 0, ">= 0"),
+        ("data.difficulty", d.difficulty, d.difficulty >= 1, ">= 1"),
+        ("generation.max_new_tokens", gen.max_new_tokens, gen.max_new_tokens >= 1, ">= 1"),
+        ("generation.temperature", gen.temperature, gen.temperature >= 0, ">= 0 (0: greedy)"),
+        ("generation.top_k", gen.top_k, gen.top_k >= 0, ">= 0 (0: off)"),
+        ("generation.top_p", gen.top_p, 0 < gen.top_p <= 1, "(0, 1]"),
+        ("generation.n_samples", gen.n_samples, gen.n_samples >= 1, ">= 1"),
+        ("generation.max_batch_size", gen.max_batch_size, gen.max_batch_size >= 1, ">= 1"),
+    ]
+    if t.lora.enabled:
+        lo = t.lora
+        rows += [
+            ("train.lora.rank", lo.rank, lo.rank >= 1, ">= 1"),
+            ("train.lora.alpha", lo.alpha, lo.alpha > 0, "> 0"),
+            ("train.lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "[0, 1)"),
+            ("train.lora.targets", lo.targets, len(lo.targets) > 0, "a non-empty list of module names"),
+        ]
+    if cfg.algorithm.name == "gspo":
+        rows += [
+            ("algorithm.gspo.n_rollouts", g.n_rollouts, g.n_rollouts >= 2,
+             ">= 2 (group-relative advantages need a group)"),
+            ("algorithm.gspo.prompts_per_step", g.prompts_per_step, g.prompts_per_step >= 1, ">= 1"),
+            ("algorithm.gspo.mini_batches", g.mini_batches, g.mini_batches >= 1, ">= 1"),
+            ("algorithm.gspo.ppo_epochs", g.ppo_epochs, g.ppo_epochs >= 1, ">= 1"),
+            ("algorithm.gspo.clip_ratio_low", g.clip_ratio_low, 0 <= g.clip_ratio_low < 1, "[0, 1)"),
+            ("algorithm.gspo.clip_ratio_high", g.clip_ratio_high, g.clip_ratio_high >= 0, ">= 0"),
+            ("algorithm.gspo.kl_coef", g.kl_coef, g.kl_coef >= 0, ">= 0"),
+        ]
+    return [f"{name}={value!r} is out of range (allowed: {allowed})"
+            for name, value, ok, allowed in rows if not ok]
+

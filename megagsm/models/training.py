@@ -1,0 +1,157 @@
+"""Megatron training mechanics shared by the SFT and GSPO trainers (and the layout-parity harness).
+
+Everything here is megatron-core's own machinery, wired together once: DDP with contiguous grad
+buffers, the (distributed) optimizer, `get_forward_backward_func` schedules (no pipelining, 1F1B,
+interleaved) and `finalize_model_grads`. Losses are summed per token and divided by the global token
+count once (`calculate_per_token_loss`), so the loss and the gradients are identical under any
+TP/PP/EP/DP layout and any split into microbatches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megagsm.config.parallel import ParallelConfig
+
+
+def parallel_fields(parallel: ParallelConfig) -> dict:
+    """TransformerConfig fields that must agree with the process groups."""
+    return dict(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+        # megatron rejects sequence parallelism without tensor parallelism
+        sequence_parallel=parallel.sequence_parallel_active,
+    )
+
+
+def wrap_ddp(model_chunks: list, parallel: ParallelConfig, grad_reduce_in_fp32: bool = True) -> list:
+    for chunk in model_chunks:
+        # must be set before DDP is built: DDP then sums grads over DP instead of averaging them,
+        # and finalize_model_grads divides once by the global token count
+        chunk.config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                # keep one bucket per chunk beyond the first: megatron's rule
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(model_chunks)
+    ]
+
+
+def build_optimizer(model_chunks: list, optimizer_config: OptimizerConfig):
+    """megatron's optimizer over the DDP-wrapped chunks; wires the loss/grad hooks into their config."""
+    optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    no_sync = [c.no_sync for c in model_chunks]
+    for chunk in model_chunks:
+        config = chunk.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return optimizer
+
+
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Loss function for megatron's schedules: (sum of masked token losses, token count, report)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm_loss": report}
+
+
+def lm_forward_step(data_iterator, model):
+    """Standard next-token forward: batch dict with tokens/position_ids/labels/loss_mask."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
+    return output, partial(masked_token_loss, batch["loss_mask"])
+
+
+@dataclass
+class StepResult:
+    loss: float            # token-mean loss over the global batch (same on every rank)
+    num_tokens: int
+    grad_norm: float | None
+    update_successful: bool
+
+
+def _global_loss(reports: list[dict], key: str = "lm_loss") -> tuple[float, int]:
+    """Sum the per-microbatch reports on the last PP stage, over DP, then share with every rank."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in reports:
+        total += report[key].double().cpu()
+    if dist.is_initialized():
+        dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(total, group=dp_group)
+        # only the last stage holds the loss: broadcast it to the whole pipeline
+        pp_group = ps.get_pipeline_model_parallel_group()
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(total, src=last, group=pp_group)
+    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
+
+
+def train_step(
+    model_chunks: list,
+    optimizer,
+    microbatches: Iterable[dict],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step_func: Callable = lm_forward_step,
+) -> StepResult:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    microbatches = list(microbatches)
+    iterators = [iter(microbatches) for _ in model_chunks]
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    loss, num_tokens = _global_loss(reports)
+    return StepResult(loss, num_tokens, None if grad_norm is None else float(grad_norm),
+                      bool(update_successful))
+
+
+@torch.no_grad()
+def eval_step(model_chunks, microbatches, num_microbatches, seq_length, micro_batch_size,
+              forward_step_func: Callable = lm_forward_step) -> tuple[float, int]:
+    """Forward-only loss over the given microbatches: (token-mean loss, token count)."""
+    microbatches = list(microbatches)
+    iterators = [iter(microbatches) for _ in model_chunks]
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    return _global_loss(reports)

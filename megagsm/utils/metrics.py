@@ -1,0 +1,148 @@
+"""Training metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard, plotted to PNG.
+
+A row is a flat mapping with a "phase" (e.g. "train", "eval", "rollout") and a "step"; every other
+numeric value is a metric. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .rank import is_rank0
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_NOT_METRICS = ("phase", "step", "time")
+
+
+def to_python(value: Any) -> Any:
+    """Tensors and numpy values -> python numbers (or lists for several elements); others unchanged."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy scalar or array
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """Appends rows to <out_dir>/metrics.jsonl (flushed per row) and scalars to <out_dir>/tensorboard.
+
+    On ranks other than 0 every method does nothing, so callers need no rank checks.
+    """
+
+    def __init__(self, out_dir: str, tensorboard: bool = True):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, METRICS_FILE)
+        self._file = None
+        self._tb = None
+        if not is_rank0():
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # append: a resumed run keeps its history
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
+
+            self._tb = SummaryWriter(log_dir=os.path.join(out_dir, TENSORBOARD_DIR))
+
+    def log(self, phase: str, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write one row: {"phase": phase, "step": step, "time": now, **metrics}."""
+        self.write({"phase": phase, "step": step, **metrics})
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Write one row; it must hold "phase" and "step". "time" (unix seconds) is added if absent."""
+        if self._file is None:
+            return
+        if "phase" not in row or "step" not in row:
+            raise ValueError(f"a metrics row needs 'phase' and 'step', got keys {sorted(row)}")
+        clean = {str(k): to_python(v) for k, v in row.items()}
+        clean.setdefault("time", time.time())
+        self._file.write(json.dumps(clean, default=str) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(clean["step"])
+            for key, value in clean.items():
+                if key not in _NOT_METRICS and _is_scalar(value):
+                    self._tb.add_scalar(f"{clean['phase']}/{key}", value, global_step=step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(jsonl_path: str, phase: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, optionally only one phase. A torn last line (crash) is skipped."""
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if phase is None or row.get("phase") == phase:
+                rows.append(row)
+    return rows
+
+
+def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str], by: str = "step",
+                 phase: str | None = None) -> str:
+    """One panel per key, metric against `by`, one line per phase; written atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves the process's backend alone
+
+    rows = read_metrics(jsonl_path, phase)
+    fig = Figure(figsize=(7, 2.6 * max(1, len(keys))), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(max(1, len(keys)), 1, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys):
+        phases = sorted({str(r.get("phase")) for r in rows if _is_scalar(r.get(key))})
+        for ph in phases:
+            points = [(r[by], r[key]) for r in rows
+                      if str(r.get("phase")) == ph and _is_scalar(r.get(key)) and _is_scalar(r.get(by))]
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
+                    label=ph)
+        if phases:
+            ax.legend(loc="best", fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(key)
+        ax.set_xlabel(by)
+        ax.grid(True, alpha=0.3)
+    directory = os.path.dirname(os.path.abspath(png_path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plot-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, png_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return png_path
+
+
+def _is_scalar(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
