@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megagsm.models.errors import ModelInputError
-
-HF_SUBDIR = "hf"
-MANIFEST = "megagsm_checkpoint.json"
+from megagsm.models.hf_config import HF_SUBDIR, MANIFEST, hf_files_dir
 
 # weight files and indexes are never copied as "side files"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".distcp")
@@ -134,7 +132,6 @@ def save_mcore_checkpoint(model_chunks, out_dir, hf_files_from, overwrite: bool 
     dir or another megagsm checkpoint), renamed into place when every rank is done. Collective."""
     from megatron.core import dist_checkpointing
 
-    from megagsm.models.provider import hf_files_dir
     from megagsm.utils.atomic import atomic_dir
 
     side_files = hf_files_dir(hf_files_from)

@@ -11,11 +11,11 @@ first `provider.vocab_size` columns are real: slice them off before softmax/argm
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
+
+import megagsm.runtime  # noqa: F401  (first: it silences megatron's import-time TE/apex warnings)
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -23,9 +23,9 @@ from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families.base import Family, ModelSettings
 from megagsm.models.gpt import GPTArchitecture, build_model_chunks
+from megagsm.models.hf_config import hf_files_dir, load_hf_config  # noqa: F401  (part of the API)
 from megagsm.models.mapping import Dims, WeightMap
 from megagsm.models.mcore_checkpoint import (  # noqa: F401  (re-exported for trainers)
-    HF_SUBDIR,
     load_mcore_checkpoint,
     save_mcore_checkpoint,
 )
@@ -40,31 +40,6 @@ _HF_FIELD = {
     "ffn_hidden_size": "intermediate_size",
     "num_layers": "num_hidden_layers",
 }
-
-
-def hf_files_dir(path) -> Path:
-    """The directory with config.json and tokenizer files: `path` itself for an HF model dir, its
-    `hf/` subdirectory for a megatron checkpoint written by megagsm."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelInputError(f"{p}: no such directory")
-    if (p / HF_SUBDIR / "config.json").is_file():
-        return p / HF_SUBDIR
-    return p
-
-
-def load_hf_config(path) -> dict:
-    """config.json of an HF model dir or of a megagsm megatron checkpoint dir, as a plain dict."""
-    cfg = hf_files_dir(path) / "config.json"
-    if not cfg.is_file():
-        raise ModelInputError(f"{cfg}: missing (not an HF model directory nor a megagsm checkpoint)")
-    try:
-        hf = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelInputError(f"{cfg}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict) or "model_type" not in hf:
-        raise ModelInputError(f"{cfg}: no 'model_type' field")
-    return hf
 
 
 def load_tokenizer(path):
