@@ -130,6 +130,9 @@ class WeightMap:
     rules: tuple[WeightRule, ...]
     # HF tensors that may be present and carry nothing of their own (regexes), e.g. rotary inv_freq buffers
     ignored_hf: tuple[str, ...] = ()
+    # HF tensors that are knowingly not converted (regex -> why), e.g. DeepSeek's multi-token-prediction
+    # layers: hf-to-mcore warns with the reason when any are present
+    skipped_hf: dict[str, str] = field(default_factory=dict)
     # HF tensors that, when present, must equal another one (tied lm_head -> embed_tokens)
     tied_hf: dict[str, str] = field(default_factory=dict)
 

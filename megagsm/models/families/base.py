@@ -26,6 +26,9 @@ class Family:
     post_build: Callable[[Any, dict], None] | None = None   # (GPTModel, HF config): forward tweaks
     layer_spec_fn: Callable | None = None             # (TransformerConfig, vp_stage=) -> block spec
     is_moe: bool = False
+    # (translated TransformerConfig kwargs, ParallelConfig): raises ModelInputError for a layout the
+    # family's own fields cannot split (experts over EP, ...), beyond the provider's generic checks
+    check_layout: Callable[[dict, Any], None] | None = None
 
 
 def need(hf: dict, name: str):
