@@ -182,7 +182,9 @@ def _layout_only(args):
     return ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
 
 
-def main(argv=None) -> int:
+def main(argv=None, keep_process_group: bool = False) -> int:
+    """Runs one command; returns the exit status. keep_process_group: leave torch.distributed up
+    afterwards (for callers that run several commands in one process, e.g. tests)."""
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -198,7 +200,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     finally:
-        _shutdown()
+        if not keep_process_group:
+            _shutdown()
     return code
 
 

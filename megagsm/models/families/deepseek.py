@@ -46,8 +46,9 @@ def rope_fields(hf: dict) -> dict:
     if scaling.get("truncate", True) is False:
         raise ModelInputError("config.json: rope_scaling.truncate=false is not supported "
                               "(megatron rounds the YaRN correction range)")
-    original = int(need(scaling, "original_max_position_embeddings") if "original_max_position_embeddings"
-                   in scaling else need(hf, "original_max_position_embeddings"))
+    # transformers' precedence: a top-level field, then the rope dict, then max_position_embeddings
+    original = int(hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                   or need(hf, "max_position_embeddings"))
     factor = scaling.get("factor")
     factor = float(factor) if factor is not None else int(need(hf, "max_position_embeddings")) / original
     mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
