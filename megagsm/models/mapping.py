@@ -107,6 +107,7 @@ class WeightRule:
     transform: str = "copy"      # key of TRANSFORMS
     axes: tuple[str, ...] = ()   # index axes megatron prepends, outermost first: ("layer",), ("layer", "expert")
     vocab: bool = False          # rows are vocabulary entries: padded inside megatron, HF vocab_size on disk
+    cast: bool = True            # False: exempt from an export's --dtype (HF keeps e.g. routing biases in fp32)
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:

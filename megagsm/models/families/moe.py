@@ -169,7 +169,8 @@ def moe_mlp_rules(*, shared: str | None = None, shared_gate: str | None = None,
         expert("linear_fc2.weight", "down_proj.weight"),
     ]
     if expert_bias:
-        rules.append(layer("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias"))
+        # fp32 in megatron and in transformers (_keep_in_fp32_modules_strict) whatever the model dtype
+        rules.append(replace(layer("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias"), cast=False))
     if shared:
         rules += [
             layer("mlp.shared_experts.linear_fc1.weight", f"mlp.{shared}.gate_proj.weight",
