@@ -120,7 +120,7 @@ def convert_mcore_to_hf(mcore_dir, out_dir, hf_config_dir=None, max_shard_bytes:
                    unit_scale=True, desc="mcore-to-hf")
     writer = None
     try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite, collective=False) as tmp:
             writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
             for job in jobs:
                 n_axes = len(job.rule.axes)

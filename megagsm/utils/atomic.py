@@ -25,18 +25,20 @@ def _all_ok(ok: bool) -> bool:
 
 
 @contextmanager
-def atomic_dir(out, overwrite: bool = False):
+def atomic_dir(out, overwrite: bool = False, collective: bool = True):
     """Yields the temp dir path (same on every rank). On success `out` is replaced by it; with
-    overwrite=False an existing `out` is an error raised before anything is written."""
+    overwrite=False an existing `out` is an error raised before anything is written.
+    collective=False: this process writes alone even when torch.distributed is up."""
     out = Path(out).absolute()
-    rank = dist.get_rank() if _distributed() else 0
+    together = collective and _distributed()
+    rank = dist.get_rank() if together else 0
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (choose another path or overwrite)")
     tmp_name = [None]
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_name[0] = tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent)
-    if _distributed():
+    if together:
         dist.broadcast_object_list(tmp_name, src=0)
     tmp = Path(tmp_name[0])
     ok = False
@@ -44,7 +46,7 @@ def atomic_dir(out, overwrite: bool = False):
         yield tmp
         ok = True
     finally:
-        everyone_ok = _all_ok(ok) if ok or _distributed() else False
+        everyone_ok = (_all_ok(ok) if together else ok)
         if rank == 0:
             if everyone_ok:
                 if out.exists():
@@ -56,7 +58,7 @@ def atomic_dir(out, overwrite: bool = False):
                     tmp.rename(out)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
-        if _distributed():
+        if together:
             dist.barrier()
     if not everyone_ok:
         raise RuntimeError(f"another rank failed while writing {out}")
