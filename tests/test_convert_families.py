@@ -19,9 +19,13 @@ CASES = [
     ("gemma", "gemma", {}),             # tied, (1+w) norms, sqrt(hidden) embedding scale, GeGLU-tanh
     ("seed_oss", "seed_oss", {}),
     ("qwen2_tied", "qwen2", {"tie_word_embeddings": True}),  # Qwen2.5-0.5B..3B style
+    ("llama3", "llama", {"rope_theta": 500000.0, "rope_scaling": {  # Llama-3.1 style rope
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}),
 ]
 VOCAB = 300
 FP32_TOL = 1e-5
+ROPE_POSITIONS = 4096  # long enough for rope scaling to matter; logits at 12 tokens barely see it
 
 
 def _sample_tokens():
@@ -38,6 +42,8 @@ def converted(tmp_path_factory):
         model = make_tiny_hf_model(model_type, root / name, **overrides)
         with torch.no_grad():
             refs[name] = model(tokens).logits.float()
+            positions = torch.arange(ROPE_POSITIONS)[None]
+            refs[f"{name}_rope_cos"] = model.model.rotary_emb(refs[name], positions)[0][0]
         cases.append((name, str(root / name), str(root / f"{name}.mcore"), str(root / f"{name}.saved")))
     results = run_ranks(_convert_and_load, 2, cases, tokens)
     return root, refs, cases, results
@@ -66,6 +72,9 @@ def _convert_and_load(cases, tokens):
             chunks = build_model_from_hf_config(load_hf_config(ckpt), parallel)
             load_mcore_checkpoint(chunks, ckpt)
             logits[layout] = forward_logits(chunks, tokens, VOCAB)
+            if layout == "tp1":
+                angles = chunks[0].rotary_pos_emb(ROPE_POSITIONS)  # [positions, 1, 1, head_dim]
+                logits["rope_cos"] = torch.cos(angles.float()).reshape(ROPE_POSITIONS, -1)
             if layout == "tp2" and name == "qwen2_tied":
                 # the trainers' path: megatron's own save of a live TP=2 model (padded vocab: 512 rows)
                 save_mcore_checkpoint(chunks, saved, hf_files_from=ckpt)
@@ -88,6 +97,8 @@ def test_logits_match_transformers_at_every_layout(converted, name):
             assert diff < FP32_TOL, f"{name} {layout}: max |logit diff| {diff}"
         # written at TP=2, loaded at TP=1 and PP=2: the same computation, so the same bits
         assert torch.equal(got["tp1"], got["pp2"])
+        rope = (got["rope_cos"] - refs[f"{name}_rope_cos"]).abs().max().item()
+        assert rope < 2e-3, f"{name}: rotary cos differs by {rope} over {ROPE_POSITIONS} positions"
     assert torch.equal(results[0][name]["tp2"], results[1][name]["tp2"])
 
 
