@@ -1,4 +1,4 @@
-"""DeepSeek V3 / R1 (DeepseekV3ForCausalLM); Kimi-K2 and Moonlight share the layout.
+"""DeepSeek V3 / R1 (DeepseekV3ForCausalLM). The official FP8 checkpoints must be dequantized to bf16 first.
 
 Routing (transformers' DeepseekV3TopkRouter, the original `noaux_tc`): sigmoid scores; the
 `e_score_correction_bias` (megatron's router expert_bias) is added for choosing, not for weighting;
