@@ -80,7 +80,7 @@ def test_cli_bad_input_exits_2_with_one_line(hf_dirs, tmp_path):
     out = tmp_path / "out"
     cases = [
         (["hf-to-mcore", "--hf-dir", tmp_path / "nope", "--out", out], "nope: no such directory"),
-        (["hf-to-mcore", "--hf-dir", hf_dirs / "unknown", "--out", out], "known: gemma, llama, qwen2, qwen3, seed_oss"),
+        (["hf-to-mcore", "--hf-dir", hf_dirs / "unknown", "--out", out], "known: deepseek_v2, deepseek_v3, gemma, llama, qwen2, qwen2_moe, qwen3, qwen3_moe, seed_oss"),
         (["hf-to-mcore", "--hf-dir", hf_dirs / "llama", "--out", out, "--tp", "2"], "torchrun --nproc-per-node 2"),
         (["mcore-to-hf", "--mcore-dir", hf_dirs / "nope", "--out", out], "no such directory"),
         (["hf-to-mcore", "--hf-dir", hf_dirs / "llama", "--out", hf_dirs / "unknown"], "already exists"),

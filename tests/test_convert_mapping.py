@@ -69,10 +69,11 @@ def test_pieces_cover_any_row_range(sizes, data):
 
 
 def test_registry_lists_and_loads_every_family():
-    assert known_model_types() == sorted(FAMILIES) == ["gemma", "llama", "qwen2", "qwen3", "seed_oss"]
+    assert known_model_types() == sorted(FAMILIES) == ["deepseek_v2", "deepseek_v3", "gemma", "llama", "qwen2",
+                                                       "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss"]
     for model_type in FAMILIES:
         assert family_for(model_type).model_type == model_type
-    with pytest.raises(ModelInputError, match="known: gemma, llama, qwen2, qwen3, seed_oss"):
+    with pytest.raises(ModelInputError, match="known: deepseek_v2, deepseek_v3, gemma, llama, qwen2, qwen2_moe"):
         family_for("gpt2")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -77,6 +78,12 @@ def check_hf_tensors(provider: ModelProvider, files: SafetensorsDir, used: dict)
             raise ModelInputError(f"{files.dir}: tensors {names} have mixed dtypes {sorted(map(str, dtypes))}")
         names_used.update(names)
     ignored = [re.compile(p) for p in provider.weight_map.ignored_hf]
+    for pattern, why in provider.weight_map.skipped_hf.items():
+        skipped = sorted(n for n in files.names() if re.fullmatch(pattern, n))
+        if skipped:
+            if _rank() == 0:
+                warnings.warn(f"{files.dir}: {len(skipped)} tensor(s) like {skipped[0]} are not converted: {why}")
+            ignored.append(re.compile(pattern))
     tied = provider.weight_map.tied_hf
     leftover = sorted(
         n for n in files.names() - names_used

@@ -93,7 +93,7 @@ def plan_export(provider: ModelProvider, reader: DcpReader, dtype: torch.dtype |
         for index in _indices(rule, md, reader, complete=not provider.family.is_moe):
             order = index if index else ((-1,) if pos < first_stacked else (math.inf,))
             jobs.append((order, pos, _Job(rule, index, fused, rule.hf_names(index), shapes,
-                                          dtype or md.properties.dtype)))
+                                          (rule.cast and dtype) or md.properties.dtype)))
     return [j for _, _, j in sorted(jobs, key=lambda t: (t[0], t[1]))]
 
 

@@ -107,6 +107,7 @@ class WeightRule:
     transform: str = "copy"      # key of TRANSFORMS
     axes: tuple[str, ...] = ()   # index axes megatron prepends, outermost first: ("layer",), ("layer", "expert")
     vocab: bool = False          # rows are vocabulary entries: padded inside megatron, HF vocab_size on disk
+    cast: bool = True            # False: exempt from an export's --dtype (HF keeps e.g. routing biases in fp32)
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
@@ -130,6 +131,9 @@ class WeightMap:
     rules: tuple[WeightRule, ...]
     # HF tensors that may be present and carry nothing of their own (regexes), e.g. rotary inv_freq buffers
     ignored_hf: tuple[str, ...] = ()
+    # HF tensors that are knowingly not converted (regex -> why), e.g. DeepSeek's multi-token-prediction
+    # layers: hf-to-mcore warns with the reason when any are present
+    skipped_hf: dict[str, str] = field(default_factory=dict)
     # HF tensors that, when present, must equal another one (tied lm_head -> embed_tokens)
     tied_hf: dict[str, str] = field(default_factory=dict)
 

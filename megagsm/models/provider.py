@@ -18,7 +18,7 @@ import torch
 
 import megagsm.runtime  # noqa: F401  (first: it silences megatron's import-time TE/apex warnings)
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
@@ -95,6 +95,8 @@ class ModelProvider:
                 )
         if parallel.ep != 1 and not self.family.is_moe:
             raise ModelInputError(f"layout: ep={parallel.ep} but model_type {self.model_type!r} has no experts")
+        if self.family.check_layout is not None:
+            self.family.check_layout(c, parallel)
 
     def transformer_config(
         self, parallel: ParallelConfig, dtype: torch.dtype = torch.float32, **overrides
@@ -113,7 +115,9 @@ class ModelProvider:
             use_cpu_initialization=not torch.cuda.is_available(),
         )
         kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
+        # multi-latent attention (DeepSeek V2/V3) has its own config class for its extra fields
+        cls = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+        return cls(**kwargs)
 
     def architecture(self, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> GPTArchitecture:
         arch = self.settings.arch

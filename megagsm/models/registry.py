@@ -14,6 +14,10 @@ FAMILIES: dict[str, str] = {
     "llama": "megagsm.models.families.llama",        # Llama, deepseek-llm, deepseek-coder
     "gemma": "megagsm.models.families.gemma",        # Gemma v1
     "seed_oss": "megagsm.models.families.seed_oss",  # Seed-OSS
+    "qwen3_moe": "megagsm.models.families.qwen3_moe",  # Qwen3-30B-A3B, Qwen3-235B-A22B
+    "qwen2_moe": "megagsm.models.families.qwen2_moe",  # Qwen1.5-MoE, Qwen2-57B-A14B
+    "deepseek_v3": "megagsm.models.families.deepseek_v3",  # DeepSeek-V3/R1 (MLA + MoE)
+    "deepseek_v2": "megagsm.models.families.deepseek_v2",  # DeepSeek-V2, V2-Lite (MLA + MoE)
 }
 
 

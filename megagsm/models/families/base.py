@@ -28,6 +28,9 @@ class Family:
     # megagsm.layers.spec.decoder_block_spec (the default)
     layer_spec_fn: Callable | None = None
     is_moe: bool = False
+    # (translated TransformerConfig kwargs, ParallelConfig): raises ModelInputError for a layout the
+    # family's own fields cannot split (experts over EP, ...), beyond the provider's generic checks
+    check_layout: Callable[[dict, Any], None] | None = None
 
 
 def need(hf: dict, name: str):
