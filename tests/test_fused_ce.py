@@ -34,19 +34,32 @@ def test_matches_plain_cross_entropy_single_process(s, b, vocab, chunk):
     gh, gw = torch.autograd.grad((loss * grad_out).sum(), (hidden, weight))
     logits = torch.einsum("sbh,vh->bsv", hidden, weight)
     ref = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(b, s)
-    rh, rw = torch.autograd.grad((ref * grad_out).sum(), (hidden, weight))
+    rh, rw = torch.autograd.grad((ref * grad_out).sum(), (hidden, weight), retain_graph=True)
     assert loss.shape == (b, s) and loss.dtype == torch.float32
     _close(loss, ref)
     _close(gh, rh)
     _close(gw, rw)
 
+    # gradients formed in the forward pass (loss_mask given): exact for grad = c * mask, and a
+    # gradient that is not proportional to the mask falls back to the recompute path
+    mask = (torch.rand(b, s, generator=g) > 0.3).float()
+    for upstream in (mask * 1.0, mask * 0.25, grad_out):
+        loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk_size=chunk, loss_mask=mask)
+        gh, gw = torch.autograd.grad((loss * upstream).sum(), (hidden, weight))
+        rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight), retain_graph=True)
+        _close(loss, ref.detach())
+        _close(gh, rh)
+        _close(gw, rw)
+
 
 def test_frozen_weight_gets_no_gradient():
     hidden = torch.randn(6, 2, 8, requires_grad=True)
     weight = torch.randn(20, 8)  # e.g. the frozen output layer under LoRA
-    loss = chunked_vocab_parallel_cross_entropy(hidden, weight, torch.randint(0, 20, (2, 6)), 4)
-    loss.sum().backward()
-    assert hidden.grad is not None and weight.grad is None
+    labels = torch.randint(0, 20, (2, 6))
+    for mask in (None, torch.ones(2, 6)):
+        hidden.grad = None
+        chunked_vocab_parallel_cross_entropy(hidden, weight, labels, 4, loss_mask=mask).sum().backward()
+        assert hidden.grad is not None and weight.grad is None
 
 
 def _largest_allocation(fn) -> int:
@@ -67,6 +80,10 @@ def test_never_allocates_full_logits():
     def chunked():
         chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk).sum().backward()
 
+    def chunked_grad_in_forward():
+        mask = torch.ones(b, s)
+        (chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk, loss_mask=mask) * mask).sum().backward()
+
     def plain():
         logits = torch.einsum("sbh,vh->bsv", hidden, weight)
         F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none").sum().backward()
@@ -75,6 +92,7 @@ def test_never_allocates_full_logits():
     assert _largest_allocation(plain) >= full_logits_bytes
     # chunked: one chunk's logits [chunk, vocab] fp32 is the largest transient (weight grad is smaller)
     assert _largest_allocation(chunked) <= max(chunk * vocab * 4, vocab * h * 4)
+    assert _largest_allocation(chunked_grad_in_forward) <= max(chunk * vocab * 4, vocab * h * 4)
 
 
 SPEC = TinyGPTSpec(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -104,22 +122,25 @@ def _function_case(chunk, sequence_parallel):
     full_weight = torch.randn(vocab, h, generator=g)
     labels = torch.randint(0, vocab, (b, s), generator=g)
     grad_out = torch.rand(b, s, generator=g)
+    mask = (torch.rand(b, s, generator=g) > 0.3).float()
     shard = vocab // tp
     results = {}
-    for name in ("chunked", "megatron"):
+    for name in ("chunked", "megatron", "chunked_mask", "megatron_mask"):
         local_hidden = full_hidden.clone()
         if sp:
             local_hidden = scatter_to_sequence_parallel_region(local_hidden)
         local_hidden = local_hidden.detach().requires_grad_()
         weight = full_weight[rank * shard:(rank + 1) * shard].clone().requires_grad_()
-        if name == "chunked":
-            loss = chunked_vocab_parallel_cross_entropy(local_hidden, weight, labels, chunk, sequence_parallel=sp)
+        if name.startswith("chunked"):
+            loss = chunked_vocab_parallel_cross_entropy(
+                local_hidden, weight, labels, chunk, sequence_parallel=sp,
+                loss_mask=mask if name.endswith("mask") else None)
         else:
             x = (gather_from_sequence_parallel_region(local_hidden, True) if sp
                  else copy_to_tensor_model_parallel_region(local_hidden))
             logits = torch.matmul(x, weight.t())
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
-        (loss * grad_out).sum().backward()
+        (loss * (mask if name.endswith("mask") else grad_out)).sum().backward()
         results[name] = (loss.detach(), local_hidden.grad, weight.grad)
     return results
 
@@ -168,8 +189,9 @@ def test_function_matches_megatron_vocab_parallel_cross_entropy(results):
         for layout in LAYOUTS:
             r = rank_results[layout]
             for chunk, case in r["function"].items():
-                for got, ref in zip(case["chunked"], case["megatron"]):
-                    _close(got, ref)
+                for mode in ("", "_mask"):
+                    for got, ref in zip(case["chunked" + mode], case["megatron" + mode]):
+                        _close(got, ref)
     # and the TP=2 losses equal the TP=1 ones
     for layout in ("tp2", "tp2_sp"):
         _close(results[0][layout]["function"][5]["chunked"][0], results[0]["tp1"]["function"][5]["chunked"][0])

@@ -5,10 +5,16 @@ The plain path (GPTModel with `labels`) materialises logits [s, b, V/tp] in the 
 fp32 copy inside megatron's `vocab_parallel_cross_entropy`, and keeps the fp32 softmax alive until the
 backward: for 8k tokens x 150k vocab that is ~5 GB per copy. Here each chunk of `chunk_size` tokens
 computes its logits, the loss of its tokens (with megatron's arithmetic and its three TP all-reduces:
-max, target logit, sum of exponentials) and keeps only two floats per token (max, sum of exps). The
-backward recomputes each chunk's logits, forms the gradient (softmax - one_hot) * grad_loss and
-accumulates grad_hidden and grad_weight chunk by chunk. Cost: one extra [tokens, h] x [h, V/tp]
-matmul (the recompute); peak extra memory: one chunk's logits plus the weight gradient.
+max, target logit, sum of exponentials) and keeps only two floats per token (max, sum of exps).
+Gradients, two ways, both exact:
+* given the loss mask the losses will be weighted with (what megatron's loss function does), each
+  chunk's logit gradient (softmax - one_hot) * mask is formed right away, while the chunk is in
+  cache, and turned into grad_hidden and grad_weight; the backward multiplies them by the scalar the
+  incoming gradient turns out to be (it checks that it is c * mask). Same three matmuls as the
+  plain path, and no [tokens, V] tensor ever: this is also the faster path on CPU.
+* otherwise (or if the incoming gradient is not c * mask) the backward recomputes each chunk's
+  logits: one extra [tokens, h] x [h, V/tp] matmul.
+Peak extra memory: one chunk's logits plus the weight gradient (the plain path holds it too).
 
 megatron-core 0.16.1 has no linear+cross-entropy fusion (its `fused_vocab_parallel_cross_entropy`
 still takes full logits) and no GPTModel switch that returns hidden states on the last stage, so
@@ -40,11 +46,36 @@ def _tp_group(tp_group):
     return None
 
 
+def _logits_grad_(probs, sum_exp, local_target, not_masked, scale):
+    """exp(logits - max) -> (softmax - one_hot(target)) * scale, in place, as megatron's backward."""
+    probs.div_(sum_exp.unsqueeze(-1))
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    probs[rows, local_target] -= not_masked
+    return probs.mul_(scale.unsqueeze(-1))
+
+
+def _accumulate(grad_logits, h, weight, grad_hidden_rows, grad_weight):
+    grad_logits = grad_logits.to(h.dtype)
+    if grad_hidden_rows is not None:
+        torch.matmul(grad_logits, weight, out=grad_hidden_rows)
+    if grad_weight is not None:
+        if grad_logits.dtype == torch.float32:
+            grad_weight.addmm_(grad_logits.t(), h)
+        else:  # accumulated in fp32 across chunks whatever the weight dtype
+            grad_weight += torch.matmul(grad_logits.t(), h).float()
+
+
 class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
-    """loss[i] = logsumexp_v(h_i . w_v) - h_i . w_target(i), v over the whole (TP-split) vocabulary."""
+    """loss[i] = logsumexp_v(h_i . w_v) - h_i . w_target(i), v over the whole (TP-split) vocabulary.
+
+    With `token_weights` (the loss mask the caller multiplies the losses by) the gradients for an
+    incoming gradient of c * token_weights are formed in the forward pass, while each chunk's logits
+    are still in cache, and the backward only scales them by c: three matmuls per chunk as in the
+    plain path, no recompute. Any other incoming gradient takes the recompute path (exact either way).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_size, tp_group):
+    def forward(ctx, hidden, weight, target, token_weights, chunk_size, tp_group, need_hidden, need_weight):
         n = hidden.shape[0]
         vocab_local = weight.shape[0]
         tp_size = tp_group.size() if tp_group is not None else 1
@@ -53,12 +84,18 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         # as megatron: a target outside this rank's vocab range contributes 0 to the target logit
         target_mask = (target < start) | (target >= start + vocab_local)
         local_target = (target - start).masked_fill(target_mask, 0)
+        not_masked = (~target_mask).float()
         logits_max = torch.empty(n, dtype=torch.float32, device=hidden.device)
         sum_exp = torch.empty_like(logits_max)
         loss = torch.empty_like(logits_max)
+        precompute = token_weights is not None and (need_hidden or need_weight)
+        grad_hidden = torch.empty_like(hidden) if precompute and need_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if precompute and need_weight else None)
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
-            logits = torch.matmul(hidden[lo:hi], weight.t()).float()
+            h = hidden[lo:hi]
+            logits = torch.matmul(h, weight.t()).float()
             chunk_max = logits.max(dim=-1)[0]
             if tp_size > 1:
                 dist.all_reduce(chunk_max, op=dist.ReduceOp.MAX, group=tp_group)
@@ -73,42 +110,64 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             loss[lo:hi] = torch.log(chunk_sum) - predicted
             logits_max[lo:hi] = chunk_max
             sum_exp[lo:hi] = chunk_sum
+            if precompute:
+                grad_logits = _logits_grad_(logits, chunk_sum, local_target[lo:hi], not_masked[lo:hi],
+                                            token_weights[lo:hi])
+                _accumulate(grad_logits, h, weight,
+                            grad_hidden[lo:hi] if grad_hidden is not None else None, grad_weight)
             del logits
-        ctx.save_for_backward(hidden, weight, local_target, target_mask, logits_max, sum_exp)
+        ctx.save_for_backward(hidden, weight, local_target, not_masked, logits_max, sum_exp, token_weights)
         ctx.chunk_size = chunk_size
+        ctx.precomputed = (grad_hidden, grad_weight) if precompute else None
+        ctx.need = (need_hidden, need_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, local_target, target_mask, logits_max, sum_exp = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hidden, weight, local_target, not_masked, logits_max, sum_exp, token_weights = ctx.saved_tensors
+        need_hidden, need_weight = ctx.need
+        grad_loss = grad_loss.float()
+        if ctx.precomputed is not None:
+            scale = _common_scale(grad_loss, token_weights)
+            if scale is not None:
+                grad_hidden, grad_weight = ctx.precomputed
+                ctx.precomputed = None
+                if scale != 1.0:
+                    grad_hidden = grad_hidden.mul_(scale) if grad_hidden is not None else None
+                    grad_weight = grad_weight.mul_(scale) if grad_weight is not None else None
+                if grad_weight is not None:
+                    grad_weight = grad_weight.to(weight.dtype)
+                return grad_hidden, grad_weight, None, None, None, None, None, None
+        ctx.precomputed = None
         n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # accumulated in fp32 across chunks whatever the weight dtype
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                        if need_weight else None)
-        not_masked = (~target_mask).float()
-        grad_loss = grad_loss.float()
         for lo in range(0, n, ctx.chunk_size):
             hi = min(n, lo + ctx.chunk_size)
             h = hidden[lo:hi]
-            grad = torch.matmul(h, weight.t()).float()
-            grad.sub_(logits_max[lo:hi].unsqueeze(-1)).exp_().div_(sum_exp[lo:hi].unsqueeze(-1))
-            rows = torch.arange(hi - lo, device=grad.device)
-            grad[rows, local_target[lo:hi]] -= not_masked[lo:hi]
-            grad.mul_(grad_loss[lo:hi].unsqueeze(-1))
-            grad = grad.to(hidden.dtype)
-            if need_hidden:
-                torch.matmul(grad, weight, out=grad_hidden[lo:hi])
-            if need_weight:
-                if grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight += torch.matmul(grad.t(), h).float()
-            del grad
-        if need_weight:
+            probs = torch.matmul(h, weight.t()).float()
+            probs.sub_(logits_max[lo:hi].unsqueeze(-1)).exp_()
+            grad_logits = _logits_grad_(probs, sum_exp[lo:hi], local_target[lo:hi], not_masked[lo:hi],
+                                        grad_loss[lo:hi])
+            _accumulate(grad_logits, h, weight,
+                        grad_hidden[lo:hi] if grad_hidden is not None else None, grad_weight)
+            del probs, grad_logits
+        if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _common_scale(grad_loss, token_weights) -> float | None:
+    """c when grad_loss == c * token_weights exactly (megatron's masked sum times the loss scale),
+    else None."""
+    if token_weights.numel() == 0:
+        return 1.0
+    pivot = int(torch.argmax(token_weights.abs()))
+    if token_weights[pivot] == 0:
+        return 0.0 if not grad_loss.any() else None
+    scale = float(grad_loss[pivot] / token_weights[pivot])
+    return scale if torch.equal(grad_loss, token_weights * scale) else None
 
 
 def chunked_vocab_parallel_cross_entropy(
@@ -118,6 +177,7 @@ def chunked_vocab_parallel_cross_entropy(
     chunk_size: int = 1024,
     sequence_parallel: bool = False,
     tp_group=None,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token loss [b, s] (fp32) of `labels` [b, s] under logits = hidden @ output_weight.T.
 
@@ -126,7 +186,10 @@ def chunked_vocab_parallel_cross_entropy(
     tied weights). Equal (values and gradients) to the output layer + megatron's
     `tensor_parallel.vocab_parallel_cross_entropy` on full logits, with at most `chunk_size` tokens'
     logits alive at a time. The input enters the TP region as megatron's ColumnParallelLinear would
-    take it (identity / all-reduce of its gradient, or the sequence all-gather with SP)."""
+    take it (identity / all-reduce of its gradient, or the sequence all-gather with SP).
+
+    loss_mask [b, s] (optional): the weights the caller multiplies the per-token losses by. When
+    given, gradients are formed in the forward pass (no recompute, see the Function's docstring)."""
     if chunk_size < 1:
         raise ValueError(f"train.loss_chunk_size must be >= 1, got {chunk_size}")
     group = _tp_group(tp_group)
@@ -143,7 +206,15 @@ def chunked_vocab_parallel_cross_entropy(
     # in the weight's dtype as megatron's output layer does (the round trip is exact)
     hidden = hidden.to(output_weight.dtype).reshape(s * b, h)
     target = labels.transpose(0, 1).reshape(s * b)
-    loss = _ChunkedVocabParallelCrossEntropy.apply(hidden, output_weight, target, chunk_size, group)
+    need_hidden = torch.is_grad_enabled() and hidden.requires_grad
+    need_weight = torch.is_grad_enabled() and output_weight.requires_grad
+    token_weights = None
+    if loss_mask is not None:
+        if loss_mask.shape != (b, s):
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != labels shape {(b, s)}")
+        token_weights = loss_mask.transpose(0, 1).reshape(s * b).float()
+    loss = _ChunkedVocabParallelCrossEntropy.apply(hidden, output_weight, target, token_weights,
+                                                   chunk_size, group, need_hidden, need_weight)
     return loss.view(s, b).transpose(0, 1).contiguous()
 
 
@@ -188,9 +259,11 @@ def output_weight(model) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_size: int):
+def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_size: int,
+                    loss_mask: torch.Tensor | None = None):
     """Per-token loss [b, s] on the last pipeline stage (what `model(..., labels=labels)` returns,
-    computed chunk-wise); other stages return their hidden states for the next stage."""
+    computed chunk-wise); other stages return their hidden states for the next stage. Pass the
+    loss mask the losses will be weighted with to have the gradients formed in the forward pass."""
     gpt = unwrap_gpt(model)
     if not gpt.post_process:
         return model(tokens, position_ids, attention_mask)
@@ -199,6 +272,7 @@ def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_s
         hidden, output_weight(model), labels, chunk_size,
         sequence_parallel=gpt.output_layer.sequence_parallel,
         tp_group=gpt.output_layer.tp_group,
+        loss_mask=loss_mask,
     )
 
 
@@ -210,7 +284,8 @@ def chunked_lm_forward_step(chunk_size: int):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = chunked_lm_loss(model, batch["tokens"], batch["position_ids"],
-                                 batch.get("attention_mask"), batch["labels"], chunk_size)
+                                 batch.get("attention_mask"), batch["labels"], chunk_size,
+                                 loss_mask=batch["loss_mask"])
         return output, partial(masked_token_loss, batch["loss_mask"])
 
     return forward_step
