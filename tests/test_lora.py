@@ -27,6 +27,8 @@ LAYOUTS = {
     "tp1": ParallelConfig(use_distributed_optimizer=False),
     "tp2": ParallelConfig(tp=2, use_distributed_optimizer=False),
     "tp2_sp": ParallelConfig(tp=2, sequence_parallel=True, use_distributed_optimizer=False),
+    # megagsm's default: the distributed optimizer shards the (adapter-only) grad buffer over DP
+    "dp2_distopt": ParallelConfig(use_distributed_optimizer=True),
 }
 
 
@@ -82,11 +84,19 @@ def _worker(spec, layouts):
         r["adapter_names"] = sorted(adapters)
         chunks = wrap_ddp(chunks, parallel)
         optimizer = build_optimizer(chunks, OptimizerConfig(
-            optimizer="sgd", lr=1.0, weight_decay=0.0, clip_grad=1e6, use_distributed_optimizer=False))
-        opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+            optimizer="sgd" if not parallel.use_distributed_optimizer else "adam", lr=1.0 if not
+            parallel.use_distributed_optimizer else 1e-2, weight_decay=0.0, clip_grad=1e6,
+            use_distributed_optimizer=parallel.use_distributed_optimizer))
+        # the distributed optimizer holds fp32 shards of its params; count through DDP's buffers,
+        # which megatron builds from exactly the params the optimizer steps
+        buffer_params = [p for c in chunks for buf in c.buffers for p in buf.params]
         r["optimizer_holds_only_adapters"] = (
-            {id(p) for p in opt_params} == {id(p) for p in adapters.values()})
-        r["optimizer_numel"] = sum(p.numel() for p in opt_params)
+            {id(p) for p in buffer_params} == {id(p) for p in adapters.values()})
+        r["optimizer_numel"] = sum(p.numel() for p in buffer_params)
+        if not parallel.use_distributed_optimizer:
+            opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+            r["optimizer_holds_only_adapters"] &= (
+                {id(p) for p in opt_params} == {id(p) for p in adapters.values()})
         r["adapter_numel"] = sum(p.numel() for p in adapters.values())
         local = _local(batch, info)
         mbs = [{k: v[i:i + 2] for k, v in local.items()} for i in range(0, local["tokens"].shape[0], 2)]
@@ -161,6 +171,16 @@ def test_base_frozen_and_optimizer_holds_only_adapters(results):
         assert r["optimizer_holds_only_adapters"], name
         assert r["optimizer_numel"] == r["adapter_numel"] > 0
         assert r["base_moved"] == 0.0, name
+
+
+def test_distributed_optimizer_trains_adapters_only(results):
+    r, ref = results["dp2_distopt"], results["tp1"]
+    assert _maxdiff(r["adapted_logits"], ref["adapted_logits"]) < ATOL
+    assert r["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    moved = max(_maxdiff(r["trained_adapters"][k], v) for k, v in r["init_adapters"].items()
+                if k.endswith("weight_a"))
+    assert moved > 1e-3 and r["base_moved"] == 0.0
 
 
 def test_tensor_parallel_matches_single(results):
