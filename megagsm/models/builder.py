@@ -154,6 +154,10 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, device: torch.devi
         built = provider.build_from_hf(model, parallel, dtype=dtype, device=device, load_weights=True)
         return BuiltModel(built.chunks, built.hf_config, built.hf_config.model_type, dtype, True)
     hf_config = hf_config_for(model)
+    if hf_config.vocab_size % parallel.tp:
+        # megatron shards the vocabulary evenly over TP ranks; an HF config may round it up itself
+        raise ConfigError(f"model vocab_size={hf_config.vocab_size} is not divisible by parallel.tp="
+                          f"{parallel.tp}; pad the vocabulary (model.vocab_size or config.json)")
     if provider is not None and hf_config.model_type not in _BUILTIN_FAMILIES:
         built = provider.build_from_hf(model, parallel, dtype=dtype, device=device, load_weights=False)
         return BuiltModel(built.chunks, built.hf_config, built.hf_config.model_type, dtype, False)
