@@ -14,35 +14,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-EPILOG = """\
-overrides (section.field=value; lists as [a,b]; null for None):
-  model.     init=hf|random  hf_dir  load  tokenizer  family  dtype=auto|fp32|bf16|fp16
-             attention_backend  recompute=none|selective|full  and, with init=random, the sizes
-             hidden_size num_layers num_attention_heads num_query_groups kv_channels ffn_hidden_size
-             vocab_size max_position_embeddings num_experts moe_router_topk tie_word_embeddings
-  parallel.  tp pp cp ep etp vpp  sequence_parallel  use_distributed_optimizer  backend=auto|nccl|gloo
-  data.      source=jsonl|parquet|hf|synthetic  train_path eval_path  prompt_template  seq_length
-             max_prompt_len max_response_len  truncation=left|right|error  pack_sequences
-             on_bad_row=skip|error  (synthetic) n_train n_test difficulty seed
-  optim.     optimizer=adam|sgd  lr min_lr weight_decay adam_beta1 adam_beta2 adam_eps clip_grad
-             warmup_steps  lr_decay_style=cosine|linear|constant  lr_decay_steps
-  train.     global_batch_size micro_batch_size train_steps  eval_interval eval_at_start eval_accuracy
-             eval_max_examples  save_interval keep_last_n save_dir  resume=auto|none|<path>
-             output_dir seed log_interval export_hf  loss=plain|chunked loss_chunk_size
-             lora.enabled lora.rank lora.alpha lora.dropout lora.targets
-  generation. max_new_tokens temperature top_k top_p n_samples seed stop max_batch_size
-  algorithm. name=sft|gspo  gspo.* (see megagsm/config/algorithm.py)
-
-Field meanings and defaults: megagsm/config/*.py. Examples:
+EXAMPLES = """\
+examples:
   torchrun --nproc-per-node 8 launch/train.py --config launch/recipes/sft_qwen2.5_0.5b.yaml train.train_steps=500
   torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/sft_demo_cpu.yaml train.resume=none
 """
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from megagsm.config.describe import describe_fields
+
+    epilog = ("config fields (override as section.field=value; lists as [a,b]; null for None):\n"
+              + "\n".join(describe_fields()) + "\n\n" + EXAMPLES)
     parser = argparse.ArgumentParser(
         prog="launch/train.py", description="megagsm: SFT / GSPO training with megatron-core.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="recipe YAML (launch/recipes/*.yaml); omitted: defaults only")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit (no training)")
