@@ -21,7 +21,7 @@ import os
 
 import pytest
 
-from megagsm.demo import DemoSpec, prepare_inputs
+from megagsm.demo import DemoSpec, build_base
 from megagsm.testing.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.multirank
 BASELINE = os.path.join(os.path.dirname(__file__), "baselines", "sft_tiny_losses.json")
 BASELINE_RTOL = 2e-4
 RESUME_RTOL = 1e-12
-TINY = DemoSpec(level=0, n_train=40, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+TINY = DemoSpec(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, max_position_embeddings=64)
 LAYOUTS = {
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.use_distributed_optimizer=false",
                "train.eval_at_start=true", "train.eval_accuracy=true"],
@@ -115,10 +115,32 @@ def _second_launch(inputs, root):
             "checkpoints": sorted(os.listdir(os.path.join(root, "killed", "checkpoints")))}
 
 
+def _write_inputs(root):
+    """Data written here, not by the synthetic generator, so the baseline does not move with it."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        a, b = rng.randint(0, 99), rng.randint(1, 99)
+        rows.append({"question": f"Tom has {a} apples. He gets {b} more apples. How many apples does Tom have now?",
+                     "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+    os.makedirs(root)
+    paths = {}
+    for split, part in (("train", rows[:40]), ("test", rows[40:])):
+        paths[split] = os.path.join(root, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    texts = [f"{r['question']}\n{r['answer']}" for r in rows[:40]]
+    paths["base"] = os.path.join(root, "base")
+    build_base(paths["base"], texts, TINY)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    inputs = prepare_inputs(root / "inputs", TINY)
+    inputs = _write_inputs(str(root / "inputs"))
     first = run_ranks(_first_launch, 2, inputs, str(root))
     second = run_ranks(_second_launch, 2, inputs, str(root))
     assert first[0]["full"] == first[1]["full"]  # every rank reports the same losses
