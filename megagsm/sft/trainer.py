@@ -170,7 +170,7 @@ class SFTRun:
                 row.update(self.evaluate())
             self.metrics.log(PHASE, self.step, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # the bar's own pace
             if self.step % t.log_interval == 0:
                 log.debug("step %d loss %.4f lr %.3e grad_norm %s", self.step, out.loss, lr, out.grad_norm)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.train_steps:
