@@ -73,7 +73,7 @@ class SFTRun:
             os.makedirs(t.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_dir)
-        built = build_model(cfg.model, cfg.parallel, self.info.device)
+        built = build_model(cfg.model, cfg.parallel, self.info.device, work_dir=t.output_dir)
         self.hf_config, self.dtype = built.hf_config, built.dtype
         self.chunks = wrap_ddp(apply_lora_hook(built.chunks, cfg), cfg.parallel)
         self.optimizer = build_optimizer(self.chunks, optimizer_config(cfg.optim, cfg.parallel, self.dtype))
@@ -202,8 +202,7 @@ class SFTRun:
                 merge_lora(self.chunks)
                 source = ckpt.save_weights(os.path.join(t.output_dir, "merged_weights"), self.chunks,
                                            write_extra=hf_side_files_writer(self.hf_config, self.tokenizer))
-            self.result.hf_export = export_hf(source, self.hf_config, self.tokenizer,
-                                              os.path.join(t.output_dir, "hf"))
+            self.result.hf_export = export_hf(source, os.path.join(t.output_dir, "hf"))
         self.metrics.close()
         if is_rank0():
             jsonl = os.path.join(t.output_dir, "metrics.jsonl")
