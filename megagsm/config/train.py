@@ -30,6 +30,10 @@ class TrainConfig:
     resume: str = "auto"               # auto: latest in save_dir if any | none | <checkpoint path>
     seed: int = 1234
     log_interval: int = 1
+    eval_at_start: bool = True         # evaluate before the first step (the "before" accuracy)
+    eval_accuracy: bool = True         # GSM8K accuracy by greedy generation at each evaluation
+    eval_max_examples: int = 0         # held-out examples used per evaluation; 0: all
+    export_hf: bool = True             # convert the final checkpoint to a HF model dir (<output_dir>/hf)
     loss: Literal["plain", "chunked"] = "plain"  # chunked: fused CE over vocab chunks, less memory
     loss_chunk_size: int = 1024        # tokens per chunk for loss=chunked
     lora: LoraConfig = field(default_factory=LoraConfig)

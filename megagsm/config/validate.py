@@ -116,6 +116,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         ("train.save_interval", t.save_interval, t.save_interval >= 0, ">= 0 (0: only at the end)"),
         ("train.keep_last_n", t.keep_last_n, t.keep_last_n >= 0, ">= 0 (0 keeps all)"),
         ("train.log_interval", t.log_interval, t.log_interval >= 1, ">= 1"),
+        ("train.eval_max_examples", t.eval_max_examples, t.eval_max_examples >= 0, ">= 0 (0: all)"),
         ("train.loss_chunk_size", t.loss_chunk_size, t.loss_chunk_size >= 1, ">= 1"),
         ("train.resume", t.resume, t.resume in ("auto", "none") or os.path.exists(t.resume),
          "'auto', 'none' or an existing checkpoint path"),

@@ -1,0 +1,72 @@
+"""Checkpoint directory rules without training: what counts as complete, which one resume=auto picks,
+keep-last-N pruning, and that half-written `.tmp` saves are never picked (they are what a crash
+mid-save leaves)."""
+import json
+import os
+
+import pytest
+
+from megagsm.sft import checkpoint as ck
+
+
+def _fake_checkpoint(save_dir, iteration, complete=True, tmp=False):
+    path = os.path.join(save_dir, ck.checkpoint_name(iteration) + (".tmp" if tmp else ""))
+    os.makedirs(path)
+    if complete:
+        with open(os.path.join(path, "metadata.json"), "w") as f:
+            json.dump({"sharded_backend": "torch_dist"}, f)
+        with open(os.path.join(path, ck.TRAINER_STATE_FILE), "w") as f:
+            json.dump(ck.TrainerState(iteration).to_json(), f)
+    return path
+
+
+def test_name_and_trainer_state_roundtrip():
+    assert ck.checkpoint_name(42) == "iter_0000042"
+    state = ck.TrainerState(7, consumed_samples=56, sampler={"epoch": 1, "offset": 8}, world_size=2,
+                            extra={"best": 0.5})
+    assert ck.TrainerState.from_json(json.loads(json.dumps(state.to_json()))) == state
+
+
+def test_resume_auto_ignores_tmp_and_incomplete(tmp_path):
+    save = str(tmp_path)
+    assert ck.resolve_resume("auto", save) is None  # fresh run
+    _fake_checkpoint(save, 10)
+    _fake_checkpoint(save, 20)
+    _fake_checkpoint(save, 30, tmp=True)          # killed mid-save: complete-looking contents, .tmp name
+    _fake_checkpoint(save, 40, complete=False)    # final name but no metadata: not ours / damaged
+    assert [i for i, _ in ck.list_checkpoints(save)] == [10, 20]
+    assert ck.resolve_resume("auto", save).endswith("iter_0000020")
+    assert ck.resolve_resume("none", save) is None
+
+
+def test_latest_pointer_lagging_behind_is_not_trusted(tmp_path):
+    save = str(tmp_path)
+    _fake_checkpoint(save, 10)
+    _fake_checkpoint(save, 20)
+    # a run died after renaming iter_20 into place but before updating `latest`
+    (tmp_path / ck.LATEST_FILE).write_text("iter_0000010\n")
+    assert ck.find_latest(save).endswith("iter_0000020")
+    (tmp_path / ck.LATEST_FILE).write_text("iter_0000020\n")
+    assert ck.find_latest(save).endswith("iter_0000020")
+
+
+def test_resume_from_explicit_paths(tmp_path):
+    save = str(tmp_path)
+    first = _fake_checkpoint(save, 10)
+    _fake_checkpoint(save, 20)
+    assert ck.resolve_resume(first, save) == first           # a checkpoint dir
+    assert ck.resolve_resume(save, "/elsewhere").endswith("iter_0000020")  # a save dir
+    with pytest.raises(FileNotFoundError, match="train.resume"):
+        ck.resolve_resume(str(tmp_path / "empty"), save)
+
+
+def test_keep_last_n_prunes_oldest_and_stale_tmp(tmp_path):
+    save = str(tmp_path)
+    for it in (10, 20, 30, 40):
+        _fake_checkpoint(save, it)
+    _fake_checkpoint(save, 50, tmp=True)
+    removed = ck.prune_checkpoints(save, keep_last_n=2)
+    assert sorted(removed) == ["iter_0000010", "iter_0000020", "iter_0000050.tmp"]
+    assert sorted(os.listdir(save)) == ["iter_0000030", "iter_0000040"]
+    assert ck.prune_checkpoints(save, keep_last_n=0) == []  # 0 keeps all
+    assert len(ck.list_checkpoints(save)) == 2
