@@ -4,7 +4,8 @@
     python bench/generate.py --dtype bf16 --threads 2
 
 A ~20M-parameter Qwen2-shaped model (hidden 512, 4 layers, 8 heads / 2 KV groups, FFN 1536, vocab
-8192) with random weights is built in transformers, converted to megatron, and both decode greedily
+8192) with random weights is built in transformers, converted to megatron with megagsm's converter
+(hf-to-mcore, then the provider's build + load), and both decode greedily
 from the same prompts for exactly `--new-tokens` tokens (no EOS). transformers runs with SDPA
 attention and, per batch size, the faster of its dynamic and static caches. Runs are interleaved
 (`--repeats` rounds) and the best round of each side is kept, which filters out other processes on a
@@ -58,17 +59,21 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import tempfile
+
     from megagsm.config.parallel import ParallelConfig
     from megagsm.generation import SamplingParams, generate
     from megagsm.runtime import init_runtime, shutdown_runtime
-    from megagsm.testing.tiny_qwen2 import build_megatron_from_hf, make_hf_model, tiny_qwen2_config
+    from megagsm.testing.tiny_qwen2 import convert, load_converted, make_hf_model, tiny_qwen2_config
 
     init_runtime(ParallelConfig(), seed=args.seed)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     hf_config = tiny_qwen2_config(vocab_size=8192, hidden_size=512, layers=4, heads=8, kv_heads=2,
                                   ffn=1536, max_positions=4096)
     hf = make_hf_model(hf_config, seed=args.seed)
-    megatron = build_megatron_from_hf(hf, params_dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as work:
+        # the same weights on both sides: megagsm's converter (hf-to-mcore) and provider load
+        megatron, vocab = load_converted(convert(hf, None, work), ParallelConfig(), dtype)
     hf = hf.to(dtype)
     params_m = sum(p.numel() for p in hf.parameters()) / 1e6
 
@@ -79,7 +84,7 @@ def main(argv=None):
         sampling = SamplingParams(max_new_tokens=args.new_tokens, greedy=True, logprobs="raw")
 
         def run_megagsm():
-            out = generate(megatron, prompts.tolist(), sampling)
+            out = generate(megatron, prompts.tolist(), sampling, vocab_limit=vocab)
             return out.tokens
 
         def run_hf(cache):

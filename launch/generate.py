@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1, help=f"{name} size (default 1)")
     p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size")
+    p.add_argument("--sp", action="store_true",
+                   help="sequence parallel (as trained; megatron requires it for MoE with --tp > 1)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("sampling")
@@ -110,12 +112,9 @@ def tokenize(records, tokenizer, chat: bool) -> list[list[int]]:
 
 def load_model(args, parallel, dtype):
     """The converter's provider API: HF config + tokenizer from CKPT/hf, weights from CKPT."""
-    try:
-        from megagsm.models.provider import (build_model_from_hf_config, load_hf_config,
-                                             load_mcore_checkpoint, load_tokenizer, provider_for)
-    except ImportError as e:  # pragma: no cover - until the converter is merged
-        raise BadInput(f"--load needs megagsm's checkpoint converter (megagsm.models.provider): {e}")
     from megagsm.models.errors import ModelInputError
+    from megagsm.models.provider import (build_model_from_hf_config, load_hf_config,
+                                         load_mcore_checkpoint, load_tokenizer, provider_for)
 
     try:
         hf_config = load_hf_config(args.load)
@@ -178,7 +177,7 @@ def run(args, records, base) -> int:
     from megagsm.generation import generate_batched
     from megagsm.runtime import init_runtime, shutdown_runtime
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sp)
     info = init_runtime(parallel, seed=args.seed)
     try:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(

@@ -1,15 +1,21 @@
 """Rank-side scenarios for the generation tests (run through megagsm.testing.multirank.run_ranks).
 
-Everything a launch checks is returned as plain data; tests/test_generation.py asserts on it. One
-launch covers many cases because a launch costs seconds.
+Models are tiny random transformers models (dense Qwen2, Qwen3-MoE) taken through megagsm's real
+converter (hf-to-mcore, then the provider's build + torch_dist load), so parity with transformers
+tests the engine on the weights a user would load. Everything a launch checks is returned as plain
+data; tests/test_generation.py asserts on it. One launch covers many cases (a launch costs seconds).
 """
 from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from megagsm.config.parallel import ParallelConfig
 
 PROMPT_LENGTHS = (5, 9, 3, 13, 9, 1)
+MOE_PROMPT_LENGTHS = (4, 7, 2, 7)
 MAX_NEW = 12
 HF_SEED = 3
 
@@ -27,6 +33,13 @@ def dense_hf():
     return make_hf_model(tiny_qwen2_config(initializer_range=0.2), seed=HF_SEED)
 
 
+def moe_hf(out_dir):
+    """Tiny Qwen3-MoE (8 experts, top-2, router scores well separated), saved to out_dir."""
+    from megagsm.testing.tiny_moe import make_tiny_moe_model
+
+    return make_tiny_moe_model("qwen3_moe", out_dir, seed=HF_SEED, initializer_range=0.2)
+
+
 def hf_greedy(hf, prompt_ids, max_new=MAX_NEW) -> list[list[int]]:
     """transformers' own greedy generate, one prompt at a time (no padding at all)."""
     out = []
@@ -39,27 +52,23 @@ def hf_greedy(hf, prompt_ids, max_new=MAX_NEW) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
-def forward_logprobs(model, prompt_ids, result) -> float:
-    """Max |engine log-prob - log_softmax of a fresh full forward| over every generated token."""
-    from megagsm.generation.forward import StageRunner, sequence_parallel_off
-    from megagsm.generation.mode import generation_mode, unwrap
+def forward_logprobs(model, prompt_ids, result, vocab: int) -> float:
+    """Max |engine log-prob - log_softmax of a fresh full forward| over every generated token. The
+    forward is megagsm.models.forward.forward_logits (megatron's own schedule, no KV cache)."""
+    from megatron.core import parallel_state as ps
 
-    gpt = unwrap(model)
+    from megagsm.models.forward import forward_logits
+
     seqs = [prompt_ids[result.prompt_index[j]] + result.completion(j)
             for j in range(len(result.finish_reasons))]
-    width = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    tp = ps.get_tensor_model_parallel_world_size()
+    width = max(len(s) for s in seqs) if seqs else 1
+    width = -(-width // tp) * tp  # sequence parallelism splits the sequence over TP ranks
+    tokens = torch.zeros(max(len(seqs), 1), width, dtype=torch.long)
     for j, s in enumerate(seqs):
         tokens[j, : len(s)] = torch.tensor(s)  # right padding: causal attention never sees it
-    positions = torch.arange(width).expand(len(seqs), width)
-    with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config):
-        runner = StageRunner(gpt, gpt.config)
-        logits = runner.forward(tokens, positions, None, None, last_only=False)
-        runner.close()
-    if logits is None:  # not the last pipeline stage
-        return 0.0
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(forward_logits([model], tokens, vocab).float(), dim=-1)
+    model.eval()
     worst = 0.0
     for j, s in enumerate(seqs):
         n = int(result.lengths[j])
@@ -80,9 +89,8 @@ def train_step_after_generation(model, tokens: list[int]) -> bool:
     gpt.zero_grad(set_to_none=True)
     ids = torch.tensor([tokens])
     out = gpt(ids, torch.arange(len(tokens))[None], None, labels=ids)
-    if out is None or not torch.is_tensor(out) or not gpt.post_process:
-        ok = True  # a pipeline stage without the loss: nothing to backprop alone
-    else:
+    ok = True  # a pipeline stage without the loss has nothing to backprop alone
+    if gpt.post_process:
         out.float().mean().backward()
         ok = all(torch.isfinite(p.grad).all() for p in gpt.parameters() if p.grad is not None)
     gpt.zero_grad(set_to_none=True)
@@ -96,39 +104,21 @@ def _init(parallel: ParallelConfig, seed=1234):
     return init_runtime(parallel, seed=seed)
 
 
-def dense_model(hf, parallel: ParallelConfig | None = None):
-    from megagsm.testing.tiny_qwen2 import build_megatron_from_hf
+def _load(mcore_dir, parallel: ParallelConfig):
+    from megagsm.testing.tiny_qwen2 import load_converted
 
-    return build_megatron_from_hf(hf, parallel=parallel)
-
-
-def moe_model(parallel: ParallelConfig, full_state=None):
-    """Tiny Qwen2-like MoE GPTModel (4 experts, top-2); weights from `full_state` when given."""
-    from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
-    from megagsm.testing.parity import TinyGPTSpec, tiny_gpt_model
-
-    spec = TinyGPTSpec(num_layers=2, vocab_size=256, seq_length=64, num_moe_experts=4)
-    chunks = tiny_gpt_model(spec, parallel)
-    if full_state is None:
-        # the default init is near-uniform over the vocabulary: sharpen it as for the dense model
-        with torch.no_grad():
-            for p in chunks[0].parameters():
-                if p.dim() > 1:
-                    p.mul_(8.0)
-        full_state = gather_full_state_dict(chunks)
-    else:
-        load_full_state_dict(chunks, full_state)
-    return chunks[0].eval(), full_state
+    return load_converted(mcore_dir, parallel)
 
 
-def single_process_cases() -> dict:
-    from megagsm.generation import KVCacheTooLarge, SamplingParams, generate
-    from megagsm.testing.tiny_qwen2 import char_tokenizer
+def single_process_cases(work_dir: str) -> dict:
+    from megagsm.generation import KVCacheTooLarge, SamplingParams
+    from megagsm.generation import generate as engine_generate
+    from megagsm.runtime import cpu_compat
+    from megagsm.testing.tiny_qwen2 import char_tokenizer, convert
 
+    work = Path(work_dir)
     _init(ParallelConfig())
     out = {}
-    from megagsm.runtime import cpu_compat
-
     with cpu_compat.suspended():  # generation's fast path: the torch-function mode is off...
         try:
             torch.zeros(1, device="cuda")
@@ -136,15 +126,19 @@ def single_process_cases() -> dict:
         except (RuntimeError, AssertionError):
             out["suspended_mode_off"] = True
     out["mode_back"] = str(torch.zeros(1, device="cuda").device) == "cpu"  # ...and back after
-    hf = dense_hf()
+
+    hf, tok = dense_hf(), char_tokenizer(256)
     ps_ = prompts()
     out["hf"] = hf_greedy(hf, ps_)
-    model = dense_model(hf)
+    out["dense_mcore"] = str(convert(hf, tok, work, name="dense"))
+    model, vocab = _load(out["dense_mcore"], ParallelConfig())
+    generate = partial(engine_generate, vocab_limit=vocab)
+    lp = partial(forward_logprobs, vocab=vocab)
     greedy = SamplingParams(max_new_tokens=MAX_NEW, greedy=True)
     for side in ("left", "right"):
         r = generate(model, ps_, greedy, padding_side=side)
         out[f"greedy_{side}"] = r.completions()
-        out[f"greedy_{side}_lp_err"] = forward_logprobs(model, ps_, r)
+        out[f"greedy_{side}_lp_err"] = lp(model, ps_, r)
         out[f"greedy_{side}_reasons"] = r.finish_reasons
         # prefill in row chunks (batch offsets into the cache): 1-2 prompts per chunk
         r = generate(model, ps_, greedy, padding_side=side, max_prefill_tokens=2 * 13)
@@ -156,7 +150,7 @@ def single_process_cases() -> dict:
     c = generate(model, ps_, SamplingParams(**{**sampled.__dict__, "seed": 6}))
     out["sample_same_seed_equal"] = a.completions() == b.completions()
     out["sample_other_seed_equal"] = a.completions() == c.completions()
-    out["sample_lp_err"] = forward_logprobs(model, ps_, a)
+    out["sample_lp_err"] = lp(model, ps_, a)
     out["sample_prompt_index"] = a.prompt_index
     processed = generate(model, ps_, SamplingParams(**{**sampled.__dict__, "logprobs": "processed"}))
     out["processed_same_tokens"] = processed.completions() == a.completions()
@@ -165,7 +159,7 @@ def single_process_cases() -> dict:
 
     many = generate(model, [ps_[0]], SamplingParams(max_new_tokens=6, temperature=1.0, n=8, seed=1))
     out["n8_distinct"] = len({tuple(c) for c in many.completions()})
-    out["n8_lp_err"] = forward_logprobs(model, [ps_[0]], many)
+    out["n8_lp_err"] = lp(model, [ps_[0]], many)
 
     # EOS: prompt 0's 5th greedy token becomes a stop token; every row must equal its greedy run cut
     # after the first stop token (rows finishing early leave the batch: compaction must keep the rest)
@@ -174,10 +168,9 @@ def single_process_cases() -> dict:
     out["eos_id"] = stop_id
     out["eos_completions"] = r.completions()
     out["eos_reasons"] = r.finish_reasons
-    out["eos_lp_err"] = forward_logprobs(model, ps_, r)
+    out["eos_lp_err"] = lp(model, ps_, r)
 
     # stop strings on decoded text (character tokenizer: one token = one character)
-    tok = char_tokenizer(256)
     text1 = tok.decode(out["greedy_left"][1])
     stop = text1[3:5]
     r = generate(model, ps_, SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_strings=[stop]),
@@ -209,17 +202,24 @@ def single_process_cases() -> dict:
     out["train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
     model.eval()
 
-    moe, full_state = moe_model(ParallelConfig())
-    mp = prompts(lengths=(4, 7, 2, 7))
-    r = generate(moe, mp, SamplingParams(max_new_tokens=MAX_NEW, greedy=True))
-    out["moe_state"] = full_state
+    # MoE: Qwen3-MoE through the converter, greedy parity with transformers
+    moe_ref = moe_hf(work / "moe-hf")
+    mp = prompts(lengths=MOE_PROMPT_LENGTHS)
+    out["moe_hf"] = hf_greedy(moe_ref, mp)
+    from megagsm.checkpoint.hf_to_mcore import convert_hf_to_mcore
+
+    convert_hf_to_mcore(work / "moe-hf", work / "moe-mcore", ParallelConfig(), progress=False)
+    out["moe_mcore"] = str(work / "moe-mcore")
+    moe, moe_vocab = _load(out["moe_mcore"], ParallelConfig())
+    r = engine_generate(moe, mp, greedy, vocab_limit=moe_vocab)
     out["moe_greedy"] = r.completions()
-    out["moe_greedy_lp_err"] = forward_logprobs(moe, mp, r)
-    r = generate(moe, mp, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, n=2, seed=3))
-    out["moe_sample_lp_err"] = forward_logprobs(moe, mp, r)
-    out["moe_eos_id"] = out["moe_greedy"][1][3]
-    r = generate(moe, mp, SamplingParams(max_new_tokens=MAX_NEW, greedy=True,
-                                         stop_token_ids=[out["moe_eos_id"]]))
+    out["moe_greedy_lp_err"] = forward_logprobs(moe, mp, r, moe_vocab)
+    r = engine_generate(moe, mp, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, n=2, seed=3),
+                        vocab_limit=moe_vocab)
+    out["moe_sample_lp_err"] = forward_logprobs(moe, mp, r, moe_vocab)
+    out["moe_eos_id"] = out["moe_hf"][1][3]
+    r = engine_generate(moe, mp, SamplingParams(max_new_tokens=MAX_NEW, greedy=True,
+                                                stop_token_ids=[out["moe_eos_id"]]), vocab_limit=moe_vocab)
     out["moe_eos_completions"] = r.completions()
     return out
 
@@ -232,55 +232,63 @@ TWO_RANK_LAYOUTS = {
 }
 
 
-def two_rank_cases(moe_state, moe_eos_id) -> dict:
-    """Every 2-rank layout in one launch: dense TP2, TP2+SP, PP2, DP2, and MoE EP2."""
+def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
+    """Every 2-rank layout in one launch: dense TP2, TP2+SP, PP2, DP2; Qwen3-MoE EP2 and TP2+EP2."""
     import torch.distributed as dist
 
-    from megagsm.generation import SamplingParams, generate
+    from megagsm.generation import SamplingParams, generate, generate_batched
 
     out = {}
-    hf = dense_hf()
     ps_ = prompts()
     greedy = SamplingParams(max_new_tokens=MAX_NEW, greedy=True)
     sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.95, n=2, seed=11)
     for name, layout in TWO_RANK_LAYOUTS.items():
         _init(layout)
-        model = dense_model(hf, layout)
+        model, vocab = _load(dense_mcore, layout)
         mine = ps_ if name != "dp2" else ps_[dist.get_rank()::2]  # DP ranks: own prompts
-        r = generate(model, mine, greedy, padding_side="right" if name == "pp2" else "left")
+        r = generate(model, mine, greedy, padding_side="right" if name == "pp2" else "left",
+                     vocab_limit=vocab)
         out[f"{name}_greedy"] = r.completions()
-        out[f"{name}_greedy_lp_err"] = forward_logprobs(model, mine, r)
-        r = generate(model, mine, sampled)
-        out[f"{name}_sample_lp_err"] = forward_logprobs(model, mine, r)
+        out[f"{name}_greedy_lp_err"] = forward_logprobs(model, mine, r, vocab)
+        r = generate(model, mine, sampled, vocab_limit=vocab)
+        out[f"{name}_sample_lp_err"] = forward_logprobs(model, mine, r, vocab)
         out[f"{name}_sample"] = r.completions()
-        again = generate(model, mine, sampled)
+        again = generate(model, mine, sampled, vocab_limit=vocab)
         out[f"{name}_sample_reproducible"] = again.completions() == r.completions()
         if name != "pp2":  # (a pipeline needs the schedule to train; generation itself is tested)
             out[f"{name}_train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
 
     # MoE, expert parallel: ranks hold different prompts and finish at different steps, so the
     # finished rank keeps joining the other's expert exchanges (lockstep dummy forwards)
-    _init(ParallelConfig(ep=2))
-    moe, _ = moe_model(ParallelConfig(ep=2), moe_state)
-    mp = prompts(lengths=(4, 7, 2, 7))
+    mp = prompts(lengths=MOE_PROMPT_LENGTHS)
     mine = mp[:3] if dist.get_rank() == 0 else mp[3:]
     params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_token_ids=[moe_eos_id])
-    r = generate(moe, mine, params)
-    out["ep2_eos_completions"] = r.completions()
-    out["ep2_eos_lp_err"] = forward_logprobs(moe, mine, r)
-    r = generate(moe, mine, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, n=2, seed=3))
-    out["ep2_sample_lp_err"] = forward_logprobs(moe, mine, r)
+    for name, layout in (("ep2", ParallelConfig(ep=2)),
+                         ("tp2ep2", ParallelConfig(tp=2, ep=2, etp=1, sequence_parallel=True))):
+        _init(layout)
+        moe, vocab = _load(moe_mcore, layout)
+        # TP2+EP2 on 2 ranks: one data-parallel replica, so both ranks hold the same prompts
+        local = mine if name == "ep2" else mp
+        r = generate(moe, local, greedy, vocab_limit=vocab)
+        out[f"{name}_greedy"] = r.completions()
+        r = generate(moe, local, params, vocab_limit=vocab)
+        out[f"{name}_eos_completions"] = r.completions()
+        out[f"{name}_eos_lp_err"] = forward_logprobs(moe, local, r, vocab)
+        r = generate(moe, local, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, n=2, seed=3),
+                     vocab_limit=vocab)
+        out[f"{name}_sample_lp_err"] = forward_logprobs(moe, local, r, vocab)
+        out[f"{name}_train_after_generate"] = train_step_after_generation(moe, mp[3][:6])
+    _init(ParallelConfig(ep=2))
+    moe, vocab = _load(moe_mcore, ParallelConfig(ep=2))
     # a rank with no prompts at all still serves the other's expert exchanges
-    r = generate(moe, mine if dist.get_rank() == 0 else [], SamplingParams(max_new_tokens=4, greedy=True))
+    r = generate(moe, mine if dist.get_rank() == 0 else [], SamplingParams(max_new_tokens=4, greedy=True),
+                 vocab_limit=vocab)
     out["ep2_empty_rank_lengths"] = r.lengths.tolist()
     # more prompts than one batch: rank 0 runs 2 groups, rank 1 one group and one empty group
-    from megagsm.generation import generate_batched
-
-    r = generate_batched(moe, mine, params, max_batch_size=2)
+    r = generate_batched(moe, mine, params, max_batch_size=2, vocab_limit=vocab)
     out["ep2_batched_completions"] = r.completions()
-    # prefill chunks: 3 on rank 0, 1 on rank 1 (which joins the other two with dummy forwards)
-    r = generate(moe, mine, params, max_prefill_tokens=7)
-    out["ep2_chunked_completions"] = r.completions()
-    out["ep2_train_after_generate"] = train_step_after_generation(moe, mp[3][:6])
     out["ep2_batched_prompt_index"] = r.prompt_index
+    # prefill chunks: 3 on rank 0, 1 on rank 1 (which joins the other two with dummy forwards)
+    r = generate(moe, mine, params, max_prefill_tokens=7, vocab_limit=vocab)
+    out["ep2_chunked_completions"] = r.completions()
     return out
