@@ -146,6 +146,12 @@ def test_model_parallel_layouts(single, pair, layout):
 
 
 @pytest.mark.multirank
+def test_kv_cache_too_large_on_one_rank_stops_the_group(pair):
+    assert "batch 6 x 25 positions" in pair[0]["tp2_too_large"]
+    assert pair[1]["tp2_too_large"].startswith("on rank 0: the KV cache")
+
+
+@pytest.mark.multirank
 def test_data_parallel_ranks_generate_their_own_prompts(single, pair):
     for rank, result in enumerate(pair):
         assert result["dp2_greedy"] == single["hf"][rank::2]

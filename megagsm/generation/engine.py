@@ -8,7 +8,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megagsm.generation.forward import StageRunner, sequence_parallel_off
-from megagsm.generation.kv_cache import KVCache
+from megagsm.generation.kv_cache import KVCache, KVCacheTooLarge, check_fits
 from megagsm.generation.mode import generation_mode, unwrap
 from megagsm.generation.rope_cache import rope_once, rotate_keys
 from megagsm.generation.sampling import Sampler, SamplingParams
@@ -125,6 +125,8 @@ class _Generation:
         self.lengths = torch.zeros(N, dtype=torch.long)
         self.reasons = [FINISH_LENGTH] * N
         if P == 0:
+            if self.lockstep:
+                self._fail_together(None)
             self._idle_until_everyone_is_done(first=True)
             return self._output(n)
 
@@ -132,8 +134,10 @@ class _Generation:
         L = prompt_tokens.shape[1]
         vocab = self.model.vocab_size
         logits_bytes = N * vocab * 4 * 3 if self.runner.last else 0  # logits + fp32 sampling copies
-        cache = KVCache(self.model, max_batch=max(N, P), max_seq=L + T, dtype=self.dtype,
-                        device=self.device, extra_bytes=logits_bytes, budget_bytes=self.kv_cache_bytes)
+        problem = check_fits(self.model, N, L + T, self.dtype, self.device, extra_bytes=logits_bytes,
+                             budget_bytes=self.kv_cache_bytes)
+        self._fail_together(problem)
+        cache = KVCache(self.model, max_batch=N, max_seq=L + T, dtype=self.dtype, device=self.device)
         try:
             with rope_once(self.model, cache):
                 logits = self._prefill(cache, lens, prompt_tokens, prompt_pad)
@@ -243,6 +247,24 @@ class _Generation:
             finished[:] = True  # reasons stay "length" unless set above
         self.lengths[seq_ids[finished]] = step + 1
         return finished
+
+    def _fail_together(self, problem: str | None) -> None:
+        """Ranks that step together (a model-parallel group; everyone under expert parallelism) must
+        all stop when one cannot allocate, or the others would wait for it forever."""
+        group = None
+        if self.lockstep:
+            group = dist.group.WORLD
+        elif self.runner.distributed:
+            group = self.runner.mp_group
+        if group is not None:
+            everyone = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, (dist.get_rank(), problem), group=group)
+            failed = [(rank, msg) for rank, msg in everyone if msg is not None]
+            if failed and problem is None:
+                rank, msg = failed[0]
+                problem = f"on rank {rank}: {msg}"
+        if problem is not None:
+            raise KVCacheTooLarge(problem)
 
     # ---------------------------------------------------------------- expert-parallel lockstep
     def _max_over_ranks(self, value: int) -> int:

@@ -81,37 +81,35 @@ def free_memory_bytes(device: torch.device) -> tuple[int, str]:
     return psutil.virtual_memory().available, "available host memory (psutil)"
 
 
-class KVCache(StaticInferenceContext):
-    """A StaticInferenceContext whose buffers exist before the first forward."""
+def check_fits(model, max_batch: int, max_seq: int, dtype: torch.dtype, device: torch.device,
+               extra_bytes: int = 0, budget_bytes: int | None = None,
+               memory_fraction: float = 0.9) -> str | None:
+    """None when the cache fits this rank's budget, else the error message with the numbers."""
+    shape = cache_shape(model, dtype)
+    need = shape.bytes(max_batch, max_seq)
+    if budget_bytes is None:
+        free, source = free_memory_bytes(device)
+        budget_bytes, source = int(free * memory_fraction), f"{memory_fraction:.0%} of {source}"
+    else:
+        source = "the given budget (kv_cache_bytes)"
+    if need + extra_bytes <= budget_bytes:
+        return None
+    return (
+        f"the KV cache for batch {max_batch} x {max_seq} positions needs {format_bytes(need)} "
+        f"({shape.describe(max_batch, max_seq)} = {need} bytes) plus {format_bytes(extra_bytes)} for "
+        f"logits, but only {format_bytes(budget_bytes)} is available ({source}). Lower the batch "
+        f"(prompts x n), the prompt length or max_new_tokens, or pass a larger kv_cache_bytes."
+    )
 
-    def __init__(
-        self,
-        model,
-        max_batch: int,
-        max_seq: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        extra_bytes: int = 0,
-        budget_bytes: int | None = None,
-        memory_fraction: float = 0.9,
-    ):
+
+class KVCache(StaticInferenceContext):
+    """A StaticInferenceContext whose buffers exist before the first forward (size them with
+    check_fits first: allocation itself does not check)."""
+
+    def __init__(self, model, max_batch: int, max_seq: int, dtype: torch.dtype, device: torch.device):
         super().__init__(max_batch_size=max_batch, max_sequence_length=max_seq)
         self.shape = cache_shape(model, dtype)
-        need = self.shape.bytes(max_batch, max_seq)
-        if budget_bytes is None:
-            free, source = free_memory_bytes(device)
-            budget_bytes, source = int(free * memory_fraction), f"{memory_fraction:.0%} of {source}"
-        else:
-            source = "the given budget (kv_cache_bytes)"
-        if need + extra_bytes > budget_bytes:
-            raise KVCacheTooLarge(
-                f"the KV cache for batch {max_batch} x {max_seq} positions needs "
-                f"{format_bytes(need)} ({self.shape.describe(max_batch, max_seq)} = {need} bytes) "
-                f"plus {format_bytes(extra_bytes)} for logits, but only {format_bytes(budget_bytes)} "
-                f"is available ({source}). Lower the batch (prompts x n), the prompt length or "
-                f"max_new_tokens, or pass a larger kv_cache_bytes."
-            )
-        self.nbytes = need
+        self.nbytes = self.shape.bytes(max_batch, max_seq)
         self.keys_rotated = False  # set by rope_cache.rope_once: keys are stored after RoPE
 
         def buffer(attn, dim):

@@ -255,6 +255,15 @@ def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
         out[f"{name}_sample"] = r.completions()
         again = generate(model, mine, sampled, vocab_limit=vocab)
         out[f"{name}_sample_reproducible"] = again.completions() == r.completions()
+        if name == "tp2":  # one rank's cache does not fit: both ranks raise (none waits forever)
+            from megagsm.generation import KVCacheTooLarge
+
+            try:
+                generate(model, mine, greedy, vocab_limit=vocab,
+                         kv_cache_bytes=1000 if dist.get_rank() == 0 else None)
+                out["tp2_too_large"] = None
+            except KVCacheTooLarge as e:
+                out["tp2_too_large"] = str(e)
         if name != "pp2":  # (a pipeline needs the schedule to train; generation itself is tested)
             out[f"{name}_train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
 
