@@ -82,6 +82,27 @@ class SDPAttention(MegatronModule):
             allowed = band if allowed is None else allowed & band
         return allowed
 
+    def _decode_step(self, query, key, value, attention_mask):
+        """One query position (KV-cache decoding): two batched matmuls per KV group instead of SDPA,
+        whose fused CPU kernel tiles over query positions and gains nothing with a single one. The
+        query heads of a group share one read of its keys/values (no GQA expansion), and a
+        batch-major cache (megagsm.generation.kv_cache) makes every [positions, dim] block a plain
+        strided matrix, so nothing is copied. Scores and softmax are fp32."""
+        _, b, h, dk = query.shape
+        sk, _, g, dv = value.shape
+        q = query.reshape(b, g, h // g, dk)
+        k = key.permute(1, 2, 3, 0)            # [b, g, dk, sk]
+        v = value.permute(1, 2, 0, 3)          # [b, g, sk, dv]
+        scores = torch.matmul(q, k).float() * self.softmax_scale  # [b, g, h/g, sk]
+        if attention_mask is not None:
+            forbidden = attention_mask.bool().reshape(attention_mask.shape[0], 1, 1, sk)
+            # a row with nothing to attend to (never used) would give NaN: let it see everything
+            forbidden = forbidden & ~forbidden.all(dim=-1, keepdim=True)
+            scores = scores.masked_fill(forbidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        context = torch.matmul(probs, v)       # [b, g, h/g, dv]
+        return context.reshape(1, b, h * dv)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -99,6 +120,8 @@ class SDPAttention(MegatronModule):
         attn_mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
+        if sq == 1 and self.window_size is None and not (self.training and self.dropout_p > 0):
+            return self._decode_step(query, key, value, attention_mask)
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)

@@ -210,3 +210,21 @@ def install(force: bool = False) -> bool:
     _mode.__enter__()
     _installed = True
     return True
+
+
+@contextlib.contextmanager
+def suspended():
+    """Runs the body without the TorchFunctionMode (the module-level patches stay active).
+
+    The mode costs a Python call on every torch function (~1 us each, hundreds per decoding step).
+    Hot loops whose megatron code paths were checked to create no tensor with a literal CUDA device
+    (generation's forward steps, see megagsm.generation) run under this to drop that cost. A no-op
+    when the layer is not installed or another mode sits on top of ours (a profiler, FakeTensorMode).
+    """
+    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
+
+    if not _installed or _mode is None or _get_current_function_mode() is not _mode:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield

@@ -1,0 +1,271 @@
+"""generate(): batched prefill + KV-cache decoding on a megatron GPTModel."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megagsm.generation.forward import StageRunner, sequence_parallel_off
+from megagsm.generation.kv_cache import KVCache
+from megagsm.generation.mode import generation_mode, unwrap
+from megagsm.generation.rope_cache import rope_once, rotate_keys
+from megagsm.generation.sampling import Sampler, SamplingParams
+from megagsm.generation.stopping import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP_STRING,
+    StopChecker,
+)
+from megagsm.runtime import cpu_compat
+
+PADDING_SIDES = ("left", "right")
+
+
+@dataclass
+class GenerationOutput:
+    """Completions of every prompt: sequence j is sample j % n of prompt j // n."""
+
+    tokens: torch.Tensor          # [N, T] int64 completion ids, pad_token_id after `lengths`
+    logprobs: torch.Tensor        # [N, T] fp32 log-prob of each sampled token, 0 after `lengths`
+    lengths: torch.Tensor         # [N] int64 completion lengths (the stop token is included)
+    finish_reasons: list[str]     # "eos" | "stop" (a stop string) | "length"
+    prompt_index: list[int]       # [N] which prompt each sequence continues
+    texts: list[str] | None = None  # decoded completions (tokenizer given), cut after a stop string
+
+    def completion(self, j: int) -> list[int]:
+        return self.tokens[j, : int(self.lengths[j])].tolist()
+
+    def completions(self) -> list[list[int]]:
+        return [self.completion(j) for j in range(len(self.finish_reasons))]
+
+
+def generate(
+    model,
+    prompts_token_ids: list[list[int]],
+    params: SamplingParams,
+    tokenizer=None,
+    *,
+    padding_side: str = "left",
+    pad_token_id: int = 0,
+    kv_cache_bytes: int | None = None,
+    vocab_limit: int | None = None,
+) -> GenerationOutput:
+    """Samples completions of `prompts_token_ids` (this data-parallel rank's prompts; every rank of a
+    model-parallel group passes the same ones) with the model's own weights.
+
+    padding_side: how prompts of different lengths share the prefill. "left" pads in front (one
+    prefill, the last positions line up); "right" pads behind (each prompt keeps positions 0..len-1
+    in the prefill, then its cache rows are shifted to line up for decoding). Either way decoding is
+    identical up to float rounding. kv_cache_bytes: memory the cache may take (default: 90% of free
+    device memory). vocab_limit: ignore logits of padded vocabulary rows >= this.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side={padding_side!r} must be one of {PADDING_SIDES}")
+    if any(len(p) == 0 for p in prompts_token_ids):
+        raise ValueError("every prompt needs at least one token")
+    gpt = unwrap(model)
+    # the CPU layer's per-call torch-function hook costs ~15% of a decoding step; megatron's
+    # inference path needs only its module-level patches (checked by the multi-rank tests)
+    with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
+        runner = StageRunner(gpt, gpt.config)
+        try:
+            return _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
+                               pad_token_id, kv_cache_bytes, vocab_limit).run()
+        finally:
+            runner.close()
+
+
+class _Generation:
+    def __init__(self, model, runner, prompts, params, tokenizer, padding_side, pad_token_id,
+                 kv_cache_bytes, vocab_limit):
+        self.model, self.runner, self.params = model, runner, params
+        self.prompts = [list(map(int, p)) for p in prompts]
+        self.tokenizer, self.padding_side, self.pad_id = tokenizer, padding_side, pad_token_id
+        self.device = runner.device
+        self.dtype = next(model.parameters()).dtype
+        self.kv_cache_bytes = kv_cache_bytes
+        self.stop = StopChecker(params.stop_token_ids, params.stop_strings, tokenizer, self.device)
+        self.sampler = Sampler(params, self.device, vocab_limit) if runner.is_sampler else None
+        # MoE with expert parallelism: ranks exchange tokens inside every forward, so all of them
+        # step together until the last one is done (finished ranks run a 1-token dummy forward)
+        self.lockstep = dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1
+
+    # ---------------------------------------------------------------- setup
+    def _layout(self):
+        lens = torch.tensor([len(p) for p in self.prompts], dtype=torch.long)
+        P, L = len(self.prompts), int(lens.max())
+        tokens = torch.full((P, L), self.pad_id, dtype=torch.long)
+        pad = torch.zeros(P, L, dtype=torch.bool)  # True: padding position
+        for i, p in enumerate(self.prompts):
+            if self.padding_side == "left":
+                tokens[i, L - len(p):] = torch.tensor(p)
+                pad[i, : L - len(p)] = True
+            else:
+                tokens[i, : len(p)] = torch.tensor(p)
+                pad[i, len(p):] = True
+        return lens, tokens, pad
+
+    def run(self) -> GenerationOutput:
+        p = self.params
+        P, n = len(self.prompts), p.n
+        N, T = P * n, p.max_new_tokens
+        self.out_tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
+        self.out_logprobs = torch.zeros(N, T, dtype=torch.float32)
+        self.lengths = torch.zeros(N, dtype=torch.long)
+        self.reasons = [FINISH_LENGTH] * N
+        if P == 0:
+            self._idle_until_everyone_is_done(first=True)
+            return self._output(n)
+
+        lens, prompt_tokens, prompt_pad = self._layout()
+        L = prompt_tokens.shape[1]
+        vocab = self.model.vocab_size
+        logits_bytes = N * vocab * 4 * 3 if self.runner.last else 0  # logits + fp32 sampling copies
+        cache = KVCache(self.model, max_batch=max(N, P), max_seq=L + T, dtype=self.dtype,
+                        device=self.device, extra_bytes=logits_bytes, budget_bytes=self.kv_cache_bytes)
+        try:
+            with rope_once(self.model, cache):
+                logits = self._prefill(cache, lens, prompt_tokens, prompt_pad)
+                # after the prefill every row is left-padded in the cache
+                cols = torch.arange(L + T)
+                key_pad = cols.unsqueeze(0) < (L - lens).repeat_interleave(n).unsqueeze(1)
+                cache.expand_rows(P, n)
+                if logits is not None and n > 1:
+                    logits = logits.repeat_interleave(n, dim=0)
+                self._decode(cache, logits, key_pad, L)
+        finally:
+            cache.release()
+        return self._output(n)
+
+    def _prefill(self, cache, lens, prompt_tokens, prompt_pad):
+        L = prompt_tokens.shape[1]
+        padded = bool(prompt_pad.any())
+        mask = prompt_pad.view(len(lens), 1, 1, L).to(self.device) if padded else None
+        if self.padding_side == "left":
+            positions = (torch.arange(L).unsqueeze(0) - (L - lens).unsqueeze(1)).clamp(min=0)
+        else:
+            positions = torch.arange(L).expand(len(lens), L)
+            self.runner.last_token_index = (lens - 1).to(self.device)
+        moe_pad = prompt_pad.to(self.device) if padded and self.model.config.num_moe_experts else None
+        cache.enable_prefill_mode()
+        try:
+            logits = self.runner.forward(prompt_tokens.to(self.device), positions.to(self.device), mask,
+                                         cache, padding_mask=moe_pad)
+        finally:
+            self.runner.last_token_index = None
+        cache.increment_sequence_len_offset(L)
+        if self.padding_side == "right" and padded:
+            cache.shift_rows_right(L - lens, L, rotate=lambda k, s: rotate_keys(self.model, k, s))
+        return logits
+
+    # ---------------------------------------------------------------- decode loop
+    def _decode(self, cache, logits, key_pad, L):
+        p, runner = self.params, self.runner
+        N, T = self.out_tokens.shape
+        seq_ids = torch.arange(N)            # sequence held by each cache row
+        padded_rows = bool(key_pad.any())
+        for step in range(T):
+            b = len(seq_ids)
+            if runner.is_sampler:
+                tokens, logprobs = self.sampler(logits)
+            else:
+                tokens = logprobs = None
+            tokens, logprobs = runner.share(tokens, logprobs, b)
+            tokens_cpu = tokens.cpu()
+            self.out_tokens[seq_ids, step] = tokens_cpu
+            if logprobs is not None:
+                self.out_logprobs[seq_ids, step] = logprobs.float().cpu()
+            finished = self._finished(tokens_cpu, seq_ids, step)
+            if step == T - 1:
+                break
+            keep = ~finished
+            if not keep.any():
+                self._idle_until_everyone_is_done(first=False, steps_left=T - 1 - step)
+                return
+            if self.lockstep and not self._anyone_active(True):
+                return
+            if finished.any():
+                holes, movers = _compaction_moves(finished)
+                cache.move_rows(movers.to(self.device), holes.to(self.device))
+                seq_ids[holes], tokens_cpu[holes] = seq_ids[movers], tokens_cpu[movers]
+                key_pad[holes] = key_pad[movers]
+                b = int(keep.sum())
+                seq_ids, tokens_cpu = seq_ids[:b], tokens_cpu[:b]
+                padded_rows = padded_rows and bool(key_pad[:b].any())
+            offset = cache.sequence_len_offset
+            mask = (key_pad[:b, : offset + 1].view(b, 1, 1, offset + 1).to(self.device)
+                    if padded_rows else None)
+            positions = torch.full((b, 1), offset, dtype=torch.long, device=self.device)
+            cache.enable_decode_mode()
+            logits = runner.forward(tokens_cpu.view(b, 1).to(self.device), positions, mask, cache)
+            cache.increment_sequence_len_offset(1)
+
+    def _finished(self, tokens_cpu, seq_ids, step) -> torch.Tensor:
+        T = self.out_tokens.shape[1]
+        eos = self.stop.eos_hits(tokens_cpu)
+        finished = eos.clone()
+        active = (~eos).nonzero().flatten().tolist()
+        for i in self.stop.string_hits(self.out_tokens, seq_ids[active].tolist(), step + 1):
+            finished[active[i]] = True
+            self.reasons[int(seq_ids[active[i]])] = FINISH_STOP_STRING
+        for row in eos.nonzero().flatten().tolist():
+            self.reasons[int(seq_ids[row])] = FINISH_EOS
+        if step == T - 1:
+            finished[:] = True  # reasons stay "length" unless set above
+        self.lengths[seq_ids[finished]] = step + 1
+        return finished
+
+    # ---------------------------------------------------------------- expert-parallel lockstep
+    def _anyone_active(self, me_active: bool) -> bool:
+        flag = torch.tensor([1.0 if me_active else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _idle_until_everyone_is_done(self, first: bool, steps_left: int | None = None):
+        """This rank is done; with expert parallelism it keeps joining the others' forwards."""
+        if not self.lockstep:
+            return
+        steps = self.params.max_new_tokens - 1 if steps_left is None else steps_left
+        if first:  # the others' prefill
+            self._dummy_forward()
+        for _ in range(steps):
+            if not self._anyone_active(False):
+                return
+            self._dummy_forward()
+
+    def _dummy_forward(self):
+        one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.runner.forward(one, one, None, None)
+
+    def _output(self, n) -> GenerationOutput:
+        N = len(self.reasons)
+        texts = None
+        if self.tokenizer is not None:
+            texts = self.tokenizer.batch_decode(
+                [self.out_tokens[j, : int(self.lengths[j])].tolist() for j in range(N)],
+                skip_special_tokens=True,
+            )
+            texts = [self.stop.truncate_text(t) if r == FINISH_STOP_STRING else t
+                     for t, r in zip(texts, self.reasons)]
+        width = int(self.lengths.max()) if N else 0
+        for j in range(N):  # clear what a row wrote after it finished (rows are reused)
+            self.out_tokens[j, int(self.lengths[j]):] = self.pad_id
+            self.out_logprobs[j, int(self.lengths[j]):] = 0.0
+        return GenerationOutput(
+            tokens=self.out_tokens[:, :width].clone(),
+            logprobs=self.out_logprobs[:, :width].clone(),
+            lengths=self.lengths,
+            finish_reasons=self.reasons,
+            prompt_index=[j // n for j in range(N)],
+            texts=texts,
+        )
+
+
+def _compaction_moves(finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows to fill (finished rows below the new size) and the live rows above it that fill them."""
+    b_new = int((~finished).sum())
+    holes = finished[:b_new].nonzero().flatten()
+    movers = (~finished[b_new:]).nonzero().flatten() + b_new
+    return holes, movers

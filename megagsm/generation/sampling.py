@@ -1,0 +1,122 @@
+"""Sampling settings and the per-step sampler (logits of the last position -> next tokens + log-probs).
+
+Log-probs are fp32 and, by default ("raw"), those of the *model's* distribution, log_softmax(logits),
+whatever temperature/top-k/top-p were used to draw the token: that is the behaviour-policy quantity
+GSPO's importance ratio needs, and what a fresh forward pass of the finished sequence reproduces.
+"processed" gives the log-prob under the distribution actually sampled from instead.
+
+Only the work a setting needs is done on the full vocabulary: greedy is one argmax (plus one
+fp32 logsumexp for the log-probs), top-k draws among k candidates, and only top-p without top-k sorts
+the whole vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+LOGPROB_MODES = ("raw", "processed", "none")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    greedy: bool = False              # also implied by temperature == 0
+    temperature: float = 1.0
+    top_k: int = 0                    # 0: off
+    top_p: float = 1.0                # 1.0: off
+    n: int = 1                        # samples per prompt (the prompt is prefilled once)
+    seed: int = 0                     # reproducible given the seed and the parallel layout
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)  # EOS ids
+    stop_strings: Sequence[str] = field(default_factory=tuple)    # need a tokenizer
+    logprobs: str = "raw"             # raw | processed | none
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0: off)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.n < 1:
+            problems.append(f"n={self.n} must be >= 1")
+        if self.logprobs not in LOGPROB_MODES:
+            problems.append(f"logprobs={self.logprobs!r} must be one of {LOGPROB_MODES}")
+        if isinstance(self.stop_strings, str):
+            problems.append("stop_strings must be a list of strings, not one string")
+        if problems:
+            raise ValueError("SamplingParams: " + "; ".join(problems))
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+    @classmethod
+    def from_config(cls, config, stop_token_ids: Sequence[int] = (), **overrides) -> "SamplingParams":
+        """From megagsm.config.generation.GenerationConfig (temperature 0 means greedy)."""
+        kwargs = dict(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            n=config.n_samples,
+            seed=config.seed,
+            stop_token_ids=tuple(stop_token_ids),
+            stop_strings=tuple(config.stop),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+class Sampler:
+    """Draws the next token of every row from last-position logits [b, V] (any float dtype)."""
+
+    def __init__(self, params: SamplingParams, device: torch.device, vocab_limit: int | None = None):
+        self.params = params
+        self.vocab_limit = vocab_limit
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = self.params
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            # rows of a padded embedding table are not tokens
+            logits = logits[:, : self.vocab_limit]
+        full = logits.float()  # one fp32 copy: reductions over bf16 are slow on CPU and coarse
+        if p.is_greedy:
+            tokens = full.argmax(dim=-1)
+            return tokens, self._raw_logprobs(full, tokens)
+
+        scaled = full
+        if p.temperature != 1.0:
+            scaled = scaled / p.temperature
+        if p.top_k > 0 and p.top_k < scaled.shape[-1]:
+            cand_logits, cand_ids = scaled.topk(p.top_k, dim=-1)  # sorted, descending
+        elif p.top_p < 1.0:
+            cand_logits, cand_ids = scaled.sort(dim=-1, descending=True)
+        else:
+            cand_logits, cand_ids = scaled, None
+        if p.top_p < 1.0:
+            probs = torch.softmax(cand_logits, dim=-1)
+            # drop a candidate once the mass strictly before it reaches top_p; keeps >= 1
+            before = probs.cumsum(dim=-1) - probs
+            cand_logits = cand_logits.masked_fill(before >= p.top_p, float("-inf"))
+        probs = torch.softmax(cand_logits, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        tokens = choice.squeeze(-1) if cand_ids is None else cand_ids.gather(-1, choice).squeeze(-1)
+        if p.logprobs == "processed":
+            return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1)
+        return tokens, self._raw_logprobs(full, tokens)
+
+    def _raw_logprobs(self, full: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """log_softmax(full)[token] without materialising the whole log_softmax."""
+        if self.params.logprobs == "none":
+            return None
+        picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(full, dim=-1)
