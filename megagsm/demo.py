@@ -43,31 +43,38 @@ class DemoSpec:
     vocab_multiple: int = 64    # the model's vocab is rounded up (megatron splits it over TP ranks)
 
 
-def prepare_inputs(root: str | os.PathLike, spec: DemoSpec = DemoSpec(), template: str = "bare") -> dict:
-    """Writes data/, base/ (tokenizer + config.json) under root; returns their paths."""
+def build_base(base: str | os.PathLike, texts: list[str], spec: DemoSpec = DemoSpec()) -> int:
+    """A weightless HF model dir: a tokenizer trained on `texts` and the config.json of a tiny
+    Qwen2-shaped model sized to it (model.init=random builds it). Returns the tokenizer's size."""
     from transformers import Qwen2Config
 
-    from megagsm.data.gsm8k import load_gsm8k
-    from megagsm.data.prompts import build_prompt
-    from megagsm.data.synthetic import write_synthetic_dataset
     from megagsm.data.tokenizer import train_tokenizer
 
-    root = Path(root)
-    train_path, test_path = write_synthetic_dataset(root / "data", spec.n_train, spec.n_test, spec.level, spec.seed)
-    # the tokenizer sees text exactly as training renders it: prompt (plain template) + solution
-    texts = [build_prompt(row.question, None, template) + row.answer for row in load_gsm8k(str(train_path))]
-    base = root / "base"
     tokenizer = train_tokenizer(texts, spec.tokenizer_vocab, base)
-    vocab = -(-len(tokenizer) // spec.vocab_multiple) * spec.vocab_multiple
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        vocab_size=-(-len(tokenizer) // spec.vocab_multiple) * spec.vocab_multiple,
+        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config.save_pretrained(str(base))  # next to the tokenizer files: base/ is a (weightless) HF dir
-    return {"train": str(train_path), "test": str(test_path), "base": str(base), "tokenizer_size": len(tokenizer)}
+    config.save_pretrained(str(base))
+    return len(tokenizer)
+
+
+def prepare_inputs(root: str | os.PathLike, spec: DemoSpec = DemoSpec(), template: str = "bare") -> dict:
+    """Writes data/ (synthetic problems) and base/ (tokenizer + config.json) under root."""
+    from megagsm.data.gsm8k import load_gsm8k
+    from megagsm.data.prompts import build_prompt
+    from megagsm.data.synthetic import write_synthetic_dataset
+
+    root = Path(root)
+    train_path, test_path = write_synthetic_dataset(root / "data", spec.n_train, spec.n_test, spec.level, spec.seed)
+    # the tokenizer sees text exactly as training renders it: prompt (plain template) + solution
+    texts = [build_prompt(row.question, None, template) + row.answer for row in load_gsm8k(str(train_path))]
+    size = build_base(root / "base", texts, spec)
+    return {"train": str(train_path), "test": str(test_path), "base": str(root / "base"), "tokenizer_size": size}
 
 
 def torchrun(nproc: int, recipe: Path, overrides: list[str]) -> int:

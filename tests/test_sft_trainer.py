@@ -21,7 +21,7 @@ import os
 
 import pytest
 
-from megagsm.demo import DemoSpec, prepare_inputs
+from megagsm.demo import DemoSpec, build_base
 from megagsm.testing.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -29,13 +29,18 @@ pytestmark = pytest.mark.multirank
 BASELINE = os.path.join(os.path.dirname(__file__), "baselines", "sft_tiny_losses.json")
 BASELINE_RTOL = 2e-4
 RESUME_RTOL = 1e-12
-TINY = DemoSpec(level=0, n_train=40, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+TINY = DemoSpec(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, max_position_embeddings=64)
 LAYOUTS = {
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.use_distributed_optimizer=false",
                "train.eval_at_start=true", "train.eval_accuracy=true"],
     "pp2": ["parallel.pp=2", "parallel.use_distributed_optimizer=false"],
     "dp2": ["parallel.use_distributed_optimizer=true"],
+}
+# the LoRA / chunked-loss hooks, when those modules are in the checkout (branch sftlora)
+OPTIONAL_LAYOUTS = {
+    "tp2_sp_lora_chunked": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.lora.enabled=true",
+                            "train.lora.rank=4", "train.loss=chunked", "train.loss_chunk_size=16"],
 }
 RESUME = ["parallel.use_distributed_optimizer=true", "train.train_steps=6", "train.save_interval=3",
           "train.keep_last_n=2", "optim.warmup_steps=2", "optim.lr_decay_style=cosine", "optim.min_lr=1e-4"]
@@ -67,8 +72,13 @@ def _first_launch(inputs, root):
     from megagsm.sft import trainer
     from megagsm.utils.metrics import read_metrics
 
+    import importlib.util
+
     out = {}
-    for name, overrides in LAYOUTS.items():
+    layouts = dict(LAYOUTS)
+    if all(importlib.util.find_spec(m) for m in ("megagsm.sft.lora", "megagsm.sft.fused_ce")):
+        layouts.update(OPTIONAL_LAYOUTS)
+    for name, overrides in layouts.items():
         cfg = _config(inputs, os.path.join(root, name), overrides)
         result = trainer.run_sft(cfg)
         rows = read_metrics(os.path.join(root, name, "metrics.jsonl")) if os.path.exists(
@@ -115,10 +125,32 @@ def _second_launch(inputs, root):
             "checkpoints": sorted(os.listdir(os.path.join(root, "killed", "checkpoints")))}
 
 
+def _write_inputs(root):
+    """Data written here, not by the synthetic generator, so the baseline does not move with it."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        a, b = rng.randint(0, 99), rng.randint(1, 99)
+        rows.append({"question": f"Tom has {a} apples. He gets {b} more apples. How many apples does Tom have now?",
+                     "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+    os.makedirs(root)
+    paths = {}
+    for split, part in (("train", rows[:40]), ("test", rows[40:])):
+        paths[split] = os.path.join(root, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    texts = [f"{r['question']}\n{r['answer']}" for r in rows[:40]]
+    paths["base"] = os.path.join(root, "base")
+    build_base(paths["base"], texts, TINY)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    inputs = prepare_inputs(root / "inputs", TINY)
+    inputs = _write_inputs(str(root / "inputs"))
     first = run_ranks(_first_launch, 2, inputs, str(root))
     second = run_ranks(_second_launch, 2, inputs, str(root))
     assert first[0]["full"] == first[1]["full"]  # every rank reports the same losses
@@ -138,6 +170,17 @@ def test_layouts_train(runs):
     acc = first["tp2_sp"]["accuracy"]
     assert set(acc) == {0, 4} and all(0.0 <= a <= 1.0 for a in acc.values())
     assert any("accuracy" in r and r["step"] == 0 for r in first["tp2_sp"]["rows"])
+
+
+def test_lora_and_chunked_loss_hooks(runs):
+    first, _ = runs
+    if "tp2_sp_lora_chunked" not in first:
+        pytest.skip("megagsm.sft.lora / megagsm.sft.fused_ce are not in this checkout")
+    losses = first["tp2_sp_lora_chunked"]["losses"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    # adapters start as a no-op (B = 0): the first loss is the base model's, as in the full run
+    assert losses[0] == pytest.approx(first["tp2_sp"]["losses"][0], rel=1e-6)
+    assert losses[-1] < losses[0]
 
 
 def test_killed_run_resumes_with_identical_losses(runs):

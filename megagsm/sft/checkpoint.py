@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -255,8 +255,11 @@ def _barrier() -> None:
 # ---------------------------------------------------------------- save / load
 
 def save_checkpoint(save_dir: str, trainer_state: TrainerState, model_chunks: list, optimizer=None,
-                    scheduler=None, keep_last_n: int = 0) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+                    scheduler=None, keep_last_n: int = 0,
+                    write_extra: Callable[[str], None] | None = None) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint path. write_extra(dir) runs on
+    rank 0 before the rename (e.g. the HF config and tokenizer that make the checkpoint
+    self-describing for the converters)."""
     name = checkpoint_name(trainer_state.iteration)
     final, tmp = os.path.join(save_dir, name), os.path.join(save_dir, name + ".tmp")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -270,6 +273,8 @@ def save_checkpoint(save_dir: str, trainer_state: TrainerState, model_chunks: li
     _barrier()
     if rank0:
         trainer_state.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if write_extra is not None:
+            write_extra(tmp)
         _write_text_atomic(os.path.join(tmp, TRAINER_STATE_FILE),
                            json.dumps(trainer_state.to_json(), indent=2, sort_keys=True) + "\n")
         if os.path.exists(final):  # re-saving the same iteration (e.g. final save after an interval save)
@@ -319,6 +324,26 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
     log.info("loaded checkpoint %s (iteration %d%s)", path, trainer_state.iteration,
              "" if optimizer is not None else ", weights only")
     return trainer_state
+
+
+def save_weights(path: str, model_chunks: list, write_extra: Callable[[str], None] | None = None) -> str:
+    """Collective: the model weights alone as a dist checkpoint at `path` (written to `path.tmp`,
+    then renamed), e.g. LoRA-merged weights for export."""
+    tmp = path + ".tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict(model_chunks), tmp)
+    _barrier()
+    if rank0:
+        if write_extra is not None:
+            write_extra(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    _barrier()
+    return path
 
 
 def load_weights(path: str, model_chunks: list) -> None:

@@ -43,27 +43,43 @@ def validation_loss(model_chunks, microbatches: list[dict], seq_length: int, mic
 
 
 def make_generate_fn(model_chunks, tokenizer, generation: GenerationConfig) -> GenerateFn:
-    """Greedy decoding through the generation engine when it is installed, else the fallback."""
+    """Greedy decoding through the generation engine when it is installed, else the fallback.
+    Logits beyond the tokenizer's vocabulary (megatron pads it) are never chosen."""
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    engine = _engine_generate_fn(model_chunks, tokenizer, generation)
+    vocab = len(tokenizer)
+    engine = _engine_generate_fn(model_chunks, eos_id, pad_id, vocab, generation)
     if engine is not None:
         return engine
     from megagsm.sft.greedy import greedy_generate
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         return greedy_generate(model_chunks, prompts, max_new_tokens, eos_id, pad_id,
-                               batch_size=generation.max_batch_size)
+                               batch_size=generation.max_batch_size, vocab_limit=vocab)
 
     return generate
 
 
-def _engine_generate_fn(model_chunks, tokenizer, generation: GenerationConfig) -> GenerateFn | None:
+def _engine_generate_fn(model_chunks, eos_id, pad_id, vocab, generation: GenerationConfig) -> GenerateFn | None:
     try:
-        from megagsm.generation import greedy_generate_fn  # branch `generate`
+        from megagsm.generation import SamplingParams, generate_batched  # branch `generate`
     except ImportError:
         return None
-    return greedy_generate_fn(model_chunks, tokenizer, generation)
+    if len(model_chunks) != 1:
+        return None  # interleaved pipeline chunks: not supported by the engine
+
+    def generate(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, temperature=0.0, n=1,
+                                stop_token_ids=() if eos_id is None else (eos_id,), logprobs="none")
+        out = generate_batched(model_chunks[0], prompts, params, max_batch_size=generation.max_batch_size,
+                               pad_token_id=pad_id, vocab_limit=vocab)
+        completions = [[] for _ in prompts]
+        for row, prompt in enumerate(out.prompt_index):
+            ids = out.tokens[row, : int(out.lengths[row])].tolist()
+            completions[prompt] = [t for t in ids if t != eos_id]
+        return completions
+
+    return generate
 
 
 def gsm8k_accuracy(examples: list, tokenizer, generate_fn: GenerateFn, data: DataConfig,

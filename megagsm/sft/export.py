@@ -2,6 +2,7 @@
 (`checkpoints_tools`, branch `convert`). Without them the export is skipped with a log line."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +12,25 @@ import torch.distributed as dist
 from megagsm.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+HF_SUBDIR = "hf"  # where a checkpoint keeps the HF config + tokenizer it follows (converters' layout)
+
+
+def hf_side_files_writer(hf_config, tokenizer):
+    """write_extra callback for save_checkpoint: <checkpoint>/hf/{config.json, tokenizer files}."""
+
+    def write(checkpoint_dir: str) -> None:
+        target = os.path.join(checkpoint_dir, HF_SUBDIR)
+        os.makedirs(target, exist_ok=True)
+        if isinstance(hf_config, dict):
+            with open(os.path.join(target, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(hf_config, f, indent=2, sort_keys=True)
+        else:
+            hf_config.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    return write
 
 
 def _converter():

@@ -14,8 +14,9 @@ from megatron.core import parallel_state as ps
 
 @torch.no_grad()
 def greedy_generate(model_chunks: list, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
-                    pad_id: int, batch_size: int = 8) -> list[list[int]]:
-    """Greedy completions (EOS excluded) for every prompt; collective over the model-parallel group."""
+                    pad_id: int, batch_size: int = 8, vocab_limit: int | None = None) -> list[list[int]]:
+    """Greedy completions (EOS excluded) for every prompt; collective over the model-parallel group.
+    vocab_limit: ignore logits of (padded) vocabulary rows at or beyond it."""
     if ps.get_pipeline_model_parallel_world_size() > 1 or len(model_chunks) > 1:
         raise NotImplementedError("the fallback greedy decoder does not support pipeline parallelism; "
                                   "install the generation engine (megagsm.generation)")
@@ -27,13 +28,13 @@ def greedy_generate(model_chunks: list, prompts: list[list[int]], max_new_tokens
     try:
         for start in range(0, len(prompts), batch_size):
             outputs += _generate_batch(model, prompts[start:start + batch_size], max_new_tokens, eos_id,
-                                       pad_id, device)
+                                       pad_id, device, vocab_limit)
     finally:
         model.train(was_training)
     return outputs
 
 
-def _generate_batch(model, prompts, max_new_tokens, eos_id, pad_id, device) -> list[list[int]]:
+def _generate_batch(model, prompts, max_new_tokens, eos_id, pad_id, device, vocab_limit) -> list[list[int]]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
@@ -53,7 +54,7 @@ def _generate_batch(model, prompts, max_new_tokens, eos_id, pad_id, device) -> l
         forbidden = ~visible[:, None, None, :] | torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)
         position_ids = torch.arange(seq, device=device).expand_as(inputs)
         logits = model(inputs, position_ids, forbidden, runtime_gather_output=True)
-        next_token = logits[:, -1, :].float().argmax(dim=-1)
+        next_token = logits[:, -1, :vocab_limit].float().argmax(dim=-1)
         if eos_id is not None:
             next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
         generated.append(next_token)

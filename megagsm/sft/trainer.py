@@ -9,8 +9,9 @@ checkpoints (resume=auto), metrics and the final HF export.
 Optional pieces plug in through two hooks (other modules own them):
 - train.lora.enabled -> `megagsm.sft.lora.apply_lora(chunks, lora_cfg)` freezes the base weights and
   adds adapters, before DDP wraps the chunks;
-- train.loss=chunked -> `megagsm.sft.fused_ce` computes the loss from the model's hidden states in
-  vocabulary chunks (memory-efficient vocab-parallel cross entropy).
+- train.loss=chunked -> `megagsm.sft.fused_ce.chunked_lm_forward_step(train.loss_chunk_size)`: the
+  model's forward stops at the hidden states and the loss is computed in token chunks
+  (memory-efficient vocab-parallel cross entropy), in place of `lm_forward_step`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from megagsm.sft import checkpoint as ckpt
 from megagsm.sft.data import (MicrobatchStream, build_dataset, eval_microbatches, length_multiple,
                               load_examples, load_tokenizer)
 from megagsm.sft.evaluation import gsm8k_accuracy, make_generate_fn, validation_loss
-from megagsm.sft.export import export_hf
+from megagsm.sft.export import export_hf, hf_side_files_writer
 from megagsm.sft.optim import build_scheduler, current_lr, optimizer_config
 from megagsm.utils.logging import MetricsWriter, get_logger, is_rank0, plot_metrics, progress
 
@@ -50,15 +51,15 @@ def apply_lora_hook(chunks: list, cfg: RunConfig) -> list:
         return chunks
     from megagsm.sft.lora import apply_lora  # branch `sftlora`
 
-    return apply_lora(chunks, cfg.train.lora)
+    return apply_lora(chunks, cfg.train.lora, seed=cfg.train.seed)
 
 
 def forward_step_hook(cfg: RunConfig):
     if cfg.train.loss == "plain":
         return lm_forward_step
-    from megagsm.sft import fused_ce  # branch `sftlora`
+    from megagsm.sft.fused_ce import chunked_lm_forward_step  # branch `sftlora`
 
-    return fused_ce.make_forward_step(cfg.train.loss_chunk_size)
+    return chunked_lm_forward_step(cfg.train.loss_chunk_size)
 
 
 class SFTRun:
@@ -187,13 +188,21 @@ class SFTRun:
     def save(self) -> None:
         state = ckpt.TrainerState(iteration=self.step, consumed_samples=self.step * self.cfg.train.global_batch_size,
                                   sampler=self.stream.state_dict())
-        self.result.checkpoint = ckpt.save_checkpoint(self.save_dir, state, self.chunks, self.optimizer,
-                                                      self.scheduler, keep_last_n=self.cfg.train.keep_last_n)
+        self.result.checkpoint = ckpt.save_checkpoint(
+            self.save_dir, state, self.chunks, self.optimizer, self.scheduler,
+            keep_last_n=self.cfg.train.keep_last_n, write_extra=hf_side_files_writer(self.hf_config, self.tokenizer))
 
     def finish(self) -> SFTResult:
         t = self.cfg.train
         if t.export_hf and self.result.checkpoint is not None:
-            self.result.hf_export = export_hf(self.result.checkpoint, self.hf_config, self.tokenizer,
+            source = self.result.checkpoint
+            if t.lora.enabled:  # fold the adapters into the base weights: the HF model has no adapters
+                from megagsm.sft.lora import merge_lora  # branch `sftlora`
+
+                merge_lora(self.chunks)
+                source = ckpt.save_weights(os.path.join(t.output_dir, "merged_weights"), self.chunks,
+                                           write_extra=hf_side_files_writer(self.hf_config, self.tokenizer))
+            self.result.hf_export = export_hf(source, self.hf_config, self.tokenizer,
                                               os.path.join(t.output_dir, "hf"))
         self.metrics.close()
         if is_rank0():
