@@ -83,6 +83,8 @@ def prepare_inputs(root: str | os.PathLike, spec: DemoSpec = DemoSpec(), templat
 
 def torchrun(nproc: int, recipe: Path, overrides: list[str]) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # torch/megatron deprecation notices from inside their own collectives: noise in a demo's output
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(TRAIN_SCRIPT), "--config", str(recipe), *overrides]

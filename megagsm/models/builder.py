@@ -39,7 +39,8 @@ _BUILTIN_FAMILIES = ("qwen2", "llama")
 @dataclass
 class BuiltModel:
     chunks: list                 # this rank's GPTModel chunks (one per virtual pipeline stage)
-    hf_config: Any               # transformers PretrainedConfig the weights follow (for export)
+    hf_config: Any               # the HF config the weights follow (for export): a dict from the
+                                 # converters' provider, a transformers config on the built-in path
     family: str
     dtype: torch.dtype
     pretrained: bool             # weights came from a checkpoint (model.init=hf or model.load)
@@ -93,11 +94,7 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, dtype: torch
                           f"without it only {', '.join(_BUILTIN_FAMILIES)} can be built")
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    recompute_fields = {}
-    if recompute != "none":
-        recompute_fields = dict(recompute_granularity=recompute)
-        if recompute == "full":
-            recompute_fields.update(recompute_method="uniform", recompute_num_layers=1)
+    recompute_fields = _recompute_fields(recompute)
     return TransformerConfig(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
@@ -142,25 +139,57 @@ def architecture_from_hf(hf_config) -> GPTArchitecture:
     )
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, device: torch.device) -> BuiltModel:
+def _recompute_fields(recompute: str) -> dict:
+    if recompute == "none":
+        return {}
+    fields = dict(recompute_granularity=recompute)
+    if recompute == "full":
+        fields.update(recompute_method="uniform", recompute_num_layers=1)
+    return fields
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, device: torch.device,
+                work_dir: str | None = None) -> BuiltModel:
     """This rank's chunks (runtime already initialised), random or pretrained as model.init says.
-    model.load (a megatron checkpoint) is applied by the caller through megagsm.sft.checkpoint."""
+    With model.init=hf the HF weights are converted once to a megatron checkpoint in
+    `<work_dir>/hf_init_mcore` (reused by later runs and resumes), then loaded. model.load (a megatron
+    checkpoint) is applied by the caller through megagsm.sft.checkpoint."""
     dtype = resolve_dtype(model, device)
     provider = _provider()
+    if provider is None:
+        return _build_builtin(model, parallel, device, dtype)
+    hf_config = hf_config_for(model).to_dict() if model.init == "random" else provider.load_hf_config(model.hf_dir)
+    chunks = provider.build_model_from_hf_config(hf_config, parallel, dtype, **_recompute_fields(model.recompute))
     if model.init == "hf":
-        if provider is None:
-            raise ConfigError("model.init=hf needs megagsm.models.provider (the HF converters), which is "
-                              "not installed in this checkout; use model.init=random")
-        built = provider.build_from_hf(model, parallel, dtype=dtype, device=device, load_weights=True)
-        return BuiltModel(built.chunks, built.hf_config, built.hf_config.model_type, dtype, True)
+        converted = _converted_hf_weights(model.hf_dir, parallel, work_dir)
+        provider.load_mcore_checkpoint(chunks, converted)
+    return BuiltModel(chunks, hf_config, hf_config["model_type"], dtype, model.init == "hf" or model.load is not None)
+
+
+def _converted_hf_weights(hf_dir: str, parallel: ParallelConfig, work_dir: str | None) -> str:
+    """Collective: HF safetensors -> megatron torch_dist (layout-free), once per work_dir."""
+    from megagsm.checkpoint.hf_to_mcore import convert_hf_to_mcore  # branch `convert`
+    from megagsm.models.hf_config import MANIFEST
+
+    if work_dir is None:
+        raise ValueError("model.init=hf needs a work_dir for the converted weights")
+    target = os.path.join(work_dir, "hf_init_mcore")
+    if not os.path.isfile(os.path.join(target, MANIFEST)):  # written last, inside the atomic dir
+        convert_hf_to_mcore(hf_dir, target, parallel, overwrite=True)
+    return target
+
+
+def _build_builtin(model: ModelConfig, parallel: ParallelConfig, device: torch.device,
+                   dtype: torch.dtype) -> BuiltModel:
+    """Without the converters: random Llama-style models only."""
+    if model.init == "hf":
+        raise ConfigError("model.init=hf needs megagsm.models.provider (the HF converters), which is "
+                          "not installed in this checkout; use model.init=random")
     hf_config = hf_config_for(model)
     if hf_config.vocab_size % parallel.tp:
-        # megatron shards the vocabulary evenly over TP ranks; an HF config may round it up itself
+        # megatron shards the vocabulary evenly over TP ranks (the converters pad it; this path does not)
         raise ConfigError(f"model vocab_size={hf_config.vocab_size} is not divisible by parallel.tp="
                           f"{parallel.tp}; pad the vocabulary (model.vocab_size or config.json)")
-    if provider is not None and hf_config.model_type not in _BUILTIN_FAMILIES:
-        built = provider.build_from_hf(model, parallel, dtype=dtype, device=device, load_weights=False)
-        return BuiltModel(built.chunks, built.hf_config, built.hf_config.model_type, dtype, False)
     config = transformer_config_from_hf(hf_config, parallel, dtype, device, model.recompute)
     chunks = build_model_chunks(config, architecture_from_hf(hf_config))
     if device.type == "cuda":

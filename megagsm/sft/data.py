@@ -83,12 +83,24 @@ def to_model_batch(batch: dict) -> dict:
     return out
 
 
+def context_parallel_slice(batch: dict) -> dict:
+    """With context parallelism each CP rank keeps 2 of the sequence's 2*cp chunks (megatron's
+    load-balanced split for causal attention); a no-op at cp=1."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if not ps.model_parallel_is_initialized() or ps.get_context_parallel_world_size() == 1:
+        return batch
+    return get_batch_on_this_cp_rank(batch)
+
+
 def collate(samples: list[dict], pad_id: int, length: int) -> dict:
-    """Samples (or packed rows) -> one model microbatch of `length` tokens per row."""
+    """Samples (or packed rows) -> one model microbatch of `length` tokens per row (this CP rank's
+    part of them under context parallelism)."""
     if "document_ids" in samples[0]:
         keys = ("input_ids", "labels", "loss_mask", "position_ids", "document_ids")
-        return to_model_batch({k: torch.stack([s[k] for s in samples]) for k in keys})
-    return to_model_batch(collate_sft(samples, pad_id, seq_length=length))
+        return context_parallel_slice(to_model_batch({k: torch.stack([s[k] for s in samples]) for k in keys}))
+    return context_parallel_slice(to_model_batch(collate_sft(samples, pad_id, seq_length=length)))
 
 
 @dataclass

@@ -1,11 +1,10 @@
 """Final export of a trained checkpoint to a Hugging Face model directory, through the converters
-(`checkpoints_tools`, branch `convert`). Without them the export is skipped with a log line."""
+(`megagsm.checkpoint.mcore_to_hf`, branch `convert`; the same engine as `python -m checkpoints_tools
+mcore-to-hf`). Without them the export is skipped with a log line."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch.distributed as dist
 
@@ -35,33 +34,25 @@ def hf_side_files_writer(hf_config, tokenizer):
 
 def _converter():
     try:
-        from checkpoints_tools import mcore_to_hf  # branch `convert`
+        from megagsm.checkpoint.mcore_to_hf import convert_mcore_to_hf  # branch `convert`
     except ImportError:
         return None
-    return mcore_to_hf
+    return convert_mcore_to_hf
 
 
-def export_hf(checkpoint_path: str, hf_config, tokenizer, out_dir: str) -> str | None:
-    """Rank 0 writes `out_dir` (config.json, *.safetensors, tokenizer files) atomically; collective
-    only through a final barrier. Returns out_dir, or None when the converters are missing."""
-    converter = _converter()
-    if converter is None:
-        log.info("HF export skipped: the HF converters (checkpoints_tools, branch 'convert') are not "
+def export_hf(checkpoint_path: str, out_dir: str) -> str | None:
+    """Rank 0 converts the checkpoint (model tensors; optimizer and RNG entries are skipped) with the
+    HF config and tokenizer kept in its hf/ subdirectory into `out_dir` (config.json, *.safetensors,
+    tokenizer files), atomically; the other ranks wait. Returns out_dir, or None without converters."""
+    convert = _converter()
+    if convert is None:
+        log.info("HF export skipped: the HF converters (megagsm.checkpoint, branch 'convert') are not "
                  "installed in this checkout; the megatron checkpoint is at %s", checkpoint_path)
         return None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
-        try:
-            converter.convert(checkpoint_path, tmp, hf_config=hf_config)
-            tokenizer.save_pretrained(tmp)
-            if os.path.exists(out_dir):
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("exported HF model to %s", out_dir)
+        summary = convert(checkpoint_path, out_dir, overwrite=True, progress=False)
+        log.info("exported HF model to %s (%d tensors, %.1f MB)", out_dir, summary["tensors"],
+                 summary["bytes"] / 2**20)
     if dist.is_initialized():
         dist.barrier()
     return out_dir

@@ -73,7 +73,7 @@ class SFTRun:
             os.makedirs(t.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_dir)
-        built = build_model(cfg.model, cfg.parallel, self.info.device)
+        built = build_model(cfg.model, cfg.parallel, self.info.device, work_dir=t.output_dir)
         self.hf_config, self.dtype = built.hf_config, built.dtype
         self.chunks = wrap_ddp(apply_lora_hook(built.chunks, cfg), cfg.parallel)
         self.optimizer = build_optimizer(self.chunks, optimizer_config(cfg.optim, cfg.parallel, self.dtype))
@@ -170,7 +170,7 @@ class SFTRun:
                 row.update(self.evaluate())
             self.metrics.log(PHASE, self.step, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # the bar's own pace
             if self.step % t.log_interval == 0:
                 log.debug("step %d loss %.4f lr %.3e grad_norm %s", self.step, out.loss, lr, out.grad_norm)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.train_steps:
@@ -202,8 +202,7 @@ class SFTRun:
                 merge_lora(self.chunks)
                 source = ckpt.save_weights(os.path.join(t.output_dir, "merged_weights"), self.chunks,
                                            write_extra=hf_side_files_writer(self.hf_config, self.tokenizer))
-            self.result.hf_export = export_hf(source, self.hf_config, self.tokenizer,
-                                              os.path.join(t.output_dir, "hf"))
+            self.result.hf_export = export_hf(source, os.path.join(t.output_dir, "hf"))
         self.metrics.close()
         if is_rank0():
             jsonl = os.path.join(t.output_dir, "metrics.jsonl")
