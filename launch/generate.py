@@ -115,10 +115,15 @@ def load_model(args, parallel, dtype):
                                              load_mcore_checkpoint, load_tokenizer, provider_for)
     except ImportError as e:  # pragma: no cover - until the converter is merged
         raise BadInput(f"--load needs megagsm's checkpoint converter (megagsm.models.provider): {e}")
-    hf_config = load_hf_config(args.load)
-    chunks = build_model_from_hf_config(hf_config, parallel, dtype)
-    load_mcore_checkpoint(chunks, args.load)
-    return chunks, load_tokenizer(args.load), provider_for(hf_config).vocab_size, hf_config
+    from megagsm.models.errors import ModelInputError
+
+    try:
+        hf_config = load_hf_config(args.load)
+        chunks = build_model_from_hf_config(hf_config, parallel, dtype)
+        load_mcore_checkpoint(chunks, args.load)
+        return chunks, load_tokenizer(args.load), provider_for(hf_config).vocab_size, hf_config
+    except ModelInputError as e:
+        raise BadInput(str(e)) from None
 
 
 def eos_ids(tokenizer, hf_config) -> list[int]:
@@ -194,7 +199,7 @@ def run(args, records, base) -> int:
         lines = []
         for j, reason in enumerate(out.finish_reasons):
             i = mine[out.prompt_index[j]]
-            rec = {k: v for k, v in records[i].items() if k not in ("prompt_token_ids",)}
+            rec = dict(records[i])
             n = int(out.lengths[j])
             lines.append((i, j % params.n, json.dumps({
                 **rec, "index": i, "sample": j % params.n, "completion": out.texts[j],

@@ -42,6 +42,7 @@ def pair(single):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_greedy_matches_transformers(single, side):
     assert single[f"greedy_{side}"] == single["hf"]
+    assert single[f"greedy_{side}_chunked"] == single["hf"]
     assert single[f"greedy_{side}_reasons"] == ["length"] * len(single["hf"])
     assert single[f"greedy_{side}_lp_err"] < LP_ATOL
 
@@ -102,6 +103,12 @@ def test_train_generate_switch_shares_weights(single):
     assert single["no_weight_copy"]
     assert single["grads_untouched"]
     assert single["train_mode_greedy_equal"]
+    assert single["train_after_generate"]
+
+
+@pytest.mark.multirank
+def test_cpu_compat_suspension_is_scoped(single):
+    assert single["suspended_mode_off"] and single["mode_back"]
 
 
 @pytest.mark.multirank
@@ -121,6 +128,8 @@ def test_model_parallel_layouts(single, pair, layout):
         assert result[f"{layout}_greedy_lp_err"] < LP_ATOL
         assert result[f"{layout}_sample_lp_err"] < LP_ATOL
         assert result[f"{layout}_sample_reproducible"]
+    if layout != "pp2":
+        assert all(result[f"{layout}_train_after_generate"] for result in pair)
     # both ranks of the model-parallel group return the same (broadcast) samples
     assert pair[0][f"{layout}_sample"] == pair[1][f"{layout}_sample"]
 
@@ -143,6 +152,11 @@ def test_expert_parallel_lockstep(single, pair):
         assert result["ep2_sample_lp_err"] < LP_ATOL
     assert pair[0]["ep2_empty_rank_lengths"] == [4, 4, 4]
     assert pair[1]["ep2_empty_rank_lengths"] == []
+    for result in pair:  # batched into groups of 2 prompts: same completions, prompt order kept
+        assert result["ep2_batched_completions"] == result["ep2_eos_completions"]
+        assert result["ep2_chunked_completions"] == result["ep2_eos_completions"]
+        assert result["ep2_train_after_generate"]
+        assert result["ep2_batched_prompt_index"] == list(range(len(result["ep2_eos_completions"])))
 
 
 # ------------------------------------------------------------------ in-process units

@@ -9,10 +9,10 @@ built on megatron's StaticInferenceContext (see kv_cache.py) and the model's own
 
 Memory model (per rank):
 - Weights: the trainer's parameters, read in place. No copy, no re-layout, no dtype cast;
-  `generation_mode` switches to eval()/no_grad and restores the previous mode afterwards. Grads,
+  `generation_mode` switches to eval()/inference_mode and restores the previous mode afterwards. Grads,
   main-grad buffers and optimizer state are untouched and stay resident.
 - Activations: training activations are gone once backward returns. Generation keeps none across
-  steps (no_grad): a step's working set is one layer's activations for the rows still running, plus
+  steps (inference_mode): a step's working set is one layer's activations for the rows still running, plus
   last-position logits [rows, vocab] on the last pipeline stage.
 - KV cache: 2 x layers-on-this-stage x rows x (longest prompt + max_new_tokens) x KV-heads-per-TP-rank
   x head_dim x dtype bytes, allocated once per generate() call before the prefill and checked against

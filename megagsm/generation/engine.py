@@ -51,6 +51,7 @@ def generate(
     pad_token_id: int = 0,
     kv_cache_bytes: int | None = None,
     vocab_limit: int | None = None,
+    max_prefill_tokens: int = 16384,
 ) -> GenerationOutput:
     """Samples completions of `prompts_token_ids` (this data-parallel rank's prompts; every rank of a
     model-parallel group passes the same ones) with the model's own weights.
@@ -59,7 +60,9 @@ def generate(
     prefill, the last positions line up); "right" pads behind (each prompt keeps positions 0..len-1
     in the prefill, then its cache rows are shifted to line up for decoding). Either way decoding is
     identical up to float rounding. kv_cache_bytes: memory the cache may take (default: 90% of free
-    device memory). vocab_limit: ignore logits of padded vocabulary rows >= this.
+    device memory). vocab_limit: ignore logits of padded vocabulary rows >= this (megatron pads the
+    vocabulary to a multiple of 128 x tp). max_prefill_tokens: prompts are prefilled in row chunks of
+    at most this many (padded) tokens, which bounds the prefill's activation memory.
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r} must be one of {PADDING_SIDES}")
@@ -71,21 +74,27 @@ def generate(
     with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
         runner = StageRunner(gpt, gpt.config)
         try:
-            return _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
-                               pad_token_id, kv_cache_bytes, vocab_limit).run()
+            out = _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
+                              pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens).run()
         finally:
             runner.close()
+    # made under inference_mode: clones are ordinary tensors the trainer may use freely
+    out.tokens, out.logprobs, out.lengths = out.tokens.clone(), out.logprobs.clone(), out.lengths.clone()
+    return out
 
 
 class _Generation:
     def __init__(self, model, runner, prompts, params, tokenizer, padding_side, pad_token_id,
-                 kv_cache_bytes, vocab_limit):
+                 kv_cache_bytes, vocab_limit, max_prefill_tokens):
         self.model, self.runner, self.params = model, runner, params
         self.prompts = [list(map(int, p)) for p in prompts]
         self.tokenizer, self.padding_side, self.pad_id = tokenizer, padding_side, pad_token_id
         self.device = runner.device
         self.dtype = next(model.parameters()).dtype
         self.kv_cache_bytes = kv_cache_bytes
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens} must be >= 1")
+        self.max_prefill_tokens = max_prefill_tokens
         self.stop = StopChecker(params.stop_token_ids, params.stop_strings, tokenizer, self.device)
         self.sampler = Sampler(params, self.device, vocab_limit) if runner.is_sampler else None
         # MoE with expert parallelism: ranks exchange tokens inside every forward, so all of them
@@ -134,35 +143,53 @@ class _Generation:
                 cache.expand_rows(P, n)
                 if logits is not None and n > 1:
                     logits = logits.repeat_interleave(n, dim=0)
-                self._decode(cache, logits, key_pad, L)
+                self._decode(cache, logits, key_pad)
         finally:
             cache.release()
         return self._output(n)
 
     def _prefill(self, cache, lens, prompt_tokens, prompt_pad):
-        L = prompt_tokens.shape[1]
-        padded = bool(prompt_pad.any())
-        mask = prompt_pad.view(len(lens), 1, 1, L).to(self.device) if padded else None
+        """All prompts through the model once, in row chunks of <= max_prefill_tokens tokens (bounds
+        the activation peak; megatron's static context writes each chunk at its batch offset)."""
+        P, L = prompt_tokens.shape
+        rows = max(1, self.max_prefill_tokens // L)
+        starts = list(range(0, P, rows))
+        chunks = self._max_over_ranks(len(starts)) if self.lockstep else len(starts)
         if self.padding_side == "left":
             positions = (torch.arange(L).unsqueeze(0) - (L - lens).unsqueeze(1)).clamp(min=0)
         else:
-            positions = torch.arange(L).expand(len(lens), L)
-            self.runner.last_token_index = (lens - 1).to(self.device)
-        moe_pad = prompt_pad.to(self.device) if padded and self.model.config.num_moe_experts else None
+            positions = torch.arange(L).expand(P, L)
+        is_moe = bool(self.model.config.num_moe_experts)
         cache.enable_prefill_mode()
-        try:
-            logits = self.runner.forward(prompt_tokens.to(self.device), positions.to(self.device), mask,
-                                         cache, padding_mask=moe_pad)
-        finally:
-            self.runner.last_token_index = None
+        parts = []
+        for c in range(chunks):
+            if c >= len(starts):
+                self._dummy_forward()  # another expert-parallel rank still has prompts
+                continue
+            lo, hi = starts[c], min(P, starts[c] + rows)
+            pad = prompt_pad[lo:hi]
+            padded = bool(pad.any())
+            mask = pad.view(hi - lo, 1, 1, L).to(self.device) if padded else None
+            if self.padding_side == "right":
+                self.runner.last_token_index = (lens[lo:hi] - 1).to(self.device)
+            cache.batch_size_offset = lo
+            try:
+                parts.append(self.runner.forward(
+                    prompt_tokens[lo:hi].to(self.device), positions[lo:hi].to(self.device), mask,
+                    cache, padding_mask=pad.to(self.device) if padded and is_moe else None))
+            finally:
+                self.runner.last_token_index = None
+        cache.reset_batch_size_offset()
         cache.increment_sequence_len_offset(L)
-        if self.padding_side == "right" and padded:
+        if self.padding_side == "right" and bool(prompt_pad.any()):
             cache.shift_rows_right(L - lens, L, rotate=lambda k, s: rotate_keys(self.model, k, s))
-        return logits
+        return torch.cat(parts) if parts and parts[0] is not None else None
 
     # ---------------------------------------------------------------- decode loop
-    def _decode(self, cache, logits, key_pad, L):
-        p, runner = self.params, self.runner
+    def _decode(self, cache, logits, key_pad):
+        """Sample, record, retire finished rows (their cache rows are refilled from the tail), and
+        run the next step on the rows still going. Every sequence is at the same step."""
+        runner = self.runner
         N, T = self.out_tokens.shape
         seq_ids = torch.arange(N)            # sequence held by each cache row
         padded_rows = bool(key_pad.any())
@@ -218,6 +245,11 @@ class _Generation:
         return finished
 
     # ---------------------------------------------------------------- expert-parallel lockstep
+    def _max_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def _anyone_active(self, me_active: bool) -> bool:
         flag = torch.tensor([1.0 if me_active else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -228,8 +260,9 @@ class _Generation:
         if not self.lockstep:
             return
         steps = self.params.max_new_tokens - 1 if steps_left is None else steps_left
-        if first:  # the others' prefill
-            self._dummy_forward()
+        if first:  # the others' prefill chunks
+            for _ in range(self._max_over_ranks(0)):
+                self._dummy_forward()
         for _ in range(steps):
             if not self._anyone_active(False):
                 return
@@ -249,10 +282,7 @@ class _Generation:
             )
             texts = [self.stop.truncate_text(t) if r == FINISH_STOP_STRING else t
                      for t, r in zip(texts, self.reasons)]
-        width = int(self.lengths.max()) if N else 0
-        for j in range(N):  # clear what a row wrote after it finished (rows are reused)
-            self.out_tokens[j, int(self.lengths[j]):] = self.pad_id
-            self.out_logprobs[j, int(self.lengths[j]):] = 0.0
+        width = int(self.lengths.max()) if N else 0  # a sequence is written only while it runs
         return GenerationOutput(
             tokens=self.out_tokens[:, :width].clone(),
             logprobs=self.out_logprobs[:, :width].clone(),

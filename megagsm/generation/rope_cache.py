@@ -16,7 +16,7 @@ import contextlib
 import types
 
 import torch
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half, apply_rotary_pos_emb
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -48,18 +48,35 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
     end = start + key.size(0)
     b = key.size(1)
     q_freqs, k_freqs = rotary_pos_emb
-    mscale = _mscale(self.config)
-    cp = self.pg_collection.cp
-    query = apply_rotary_pos_emb(query, q_freqs[start:end], config=self.config, mscale=mscale,
-                                 cp_group=cp)
-    key = apply_rotary_pos_emb(key, k_freqs[start:end], config=self.config, mscale=mscale,
-                               cp_group=cp)
+    query = _rotate(self, cache, query, q_freqs, start, end)
+    key = _rotate(self, cache, key, k_freqs, start, end)
     keys, values = cache.key_value_memory_dict[self.layer_number]
-    keys[start:end, :b] = key
-    values[start:end, :b] = value
+    rows = slice(cache.batch_size_offset, cache.batch_size_offset + b)  # prefill in row chunks
+    keys[start:end, rows] = key
+    values[start:end, rows] = value
     # past the prompt the single new query sees every cached position
     mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
-    return query, keys[:end, :b], values[:end, :b], None, mask_type, None
+    return query, keys[:end, rows], values[:end, rows], None, mask_type, None
+
+
+def _rotate(attn, cache, t, freqs, start, end):
+    """megatron's unfused RoPE, `t * cos + rotate_half(t) * sin` (rope_utils._apply_rotary_pos_emb_bshd),
+    with cos/sin of the step's positions computed once per step for all layers instead of in every
+    call (they are the same values: same function of the same frequencies). Configurations that
+    path does not cover (fused/interleaved RoPE, partial rotary dims, MLA) call megatron directly."""
+    config = attn.config
+    mscale = _mscale(config)
+    rot_dim = freqs.shape[-1]
+    if config.apply_rope_fusion or config.rotary_interleaved or rot_dim != t.shape[-1]:
+        return apply_rotary_pos_emb(t, freqs[start:end], config=config, mscale=mscale,
+                                    cp_group=attn.pg_collection.cp)
+    key = (freqs.data_ptr(), start, end, t.dtype, mscale)
+    if cache.rope_memo_key != key:
+        f = freqs[start:end]
+        cache.rope_memo = ((torch.cos(f) * mscale).to(t.dtype), (torch.sin(f) * mscale).to(t.dtype))
+        cache.rope_memo_key = key
+    cos_, sin_ = cache.rope_memo
+    return (t * cos_) + (_rotate_half(t, False) * sin_)
 
 
 def rope_layers(model) -> list[Attention]:
@@ -74,6 +91,7 @@ def rope_once(model, cache):
         attn._megagsm_rope_cache = cache
         attn._adjust_key_value_for_inference = types.MethodType(_adjust_key_value_rope_once, attn)
     cache.keys_rotated = bool(layers)
+    cache.rope_memo_key, cache.rope_memo = None, None
     try:
         yield
     finally:

@@ -21,14 +21,20 @@ class GPTArchitecture:
     rotary_percent: float = 1.0
     seq_len_interpolation_factor: float | None = None
     share_embeddings_and_output_weights: bool = False
+    rope_scaling: bool = False          # Llama-3 style frequency scaling (megatron's fixed 1/4/8192 recipe)
+    rope_scaling_factor: float = 8.0
 
 
 def build_gpt_model(
-    config: TransformerConfig, arch: GPTArchitecture, vp_stage: int | None = None
+    config: TransformerConfig,
+    arch: GPTArchitecture,
+    vp_stage: int | None = None,
+    layer_spec_fn=decoder_block_spec,
 ) -> GPTModel:
+    """layer_spec_fn(config, vp_stage=...) -> block spec; model families with layer tweaks pass their own."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=layer_spec_fn(config, vp_stage=vp_stage),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_sequence_length,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -38,13 +44,17 @@ def build_gpt_model(
         rotary_base=arch.rotary_base,
         rotary_percent=arch.rotary_percent,
         seq_len_interpolation_factor=arch.seq_len_interpolation_factor,
+        rope_scaling=arch.rope_scaling,
+        rope_scaling_factor=arch.rope_scaling_factor,
         vp_stage=vp_stage,
     )
 
 
-def build_model_chunks(config: TransformerConfig, arch: GPTArchitecture) -> list[GPTModel]:
+def build_model_chunks(
+    config: TransformerConfig, arch: GPTArchitecture, layer_spec_fn=decoder_block_spec
+) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None or vpp == 1:
-        return [build_gpt_model(config, arch)]
-    return [build_gpt_model(config, arch, vp_stage=i) for i in range(vpp)]
+        return [build_gpt_model(config, arch, layer_spec_fn=layer_spec_fn)]
+    return [build_gpt_model(config, arch, vp_stage=i, layer_spec_fn=layer_spec_fn) for i in range(vpp)]

@@ -56,9 +56,33 @@ def wrap_ddp(model_chunks: list, parallel: ParallelConfig, grad_reduce_in_fp32: 
     ]
 
 
+def use_fused_torch_adam_on_cpu(optimizer) -> int:
+    """Switch the torch Adam/AdamW inside a megatron optimizer to torch's fused kernel when all its
+    parameters live on the CPU; returns how many torch optimizers were switched.
+
+    Without transformer-engine/apex megatron falls back to torch.optim.AdamW, built without `fused`
+    or `foreach`, which on CPU runs torch's per-tensor loop (about ten ops per parameter tensor).
+    The fused CPU kernel applies the same update in one pass per tensor: 52 ms -> 10 ms per step for
+    a 20M-parameter model on one core (bench/sft.py). megatron constructs the torch optimizer itself
+    and does not expose the flag, hence the switch on its param groups (read at every step)."""
+    switched = 0
+    for megatron_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(megatron_opt, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for group in torch_opt.param_groups for p in group["params"]]
+        if not params or any(p.device.type != "cpu" or not p.is_floating_point() for p in params):
+            continue
+        for group in torch_opt.param_groups:
+            group["fused"], group["foreach"] = True, False
+        switched += 1
+    return switched
+
+
 def build_optimizer(model_chunks: list, optimizer_config: OptimizerConfig):
     """megatron's optimizer over the DDP-wrapped chunks; wires the loss/grad hooks into their config."""
     optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    use_fused_torch_adam_on_cpu(optimizer)
     no_sync = [c.no_sync for c in model_chunks]
     for chunk in model_chunks:
         config = chunk.config

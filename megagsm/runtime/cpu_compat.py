@@ -180,6 +180,13 @@ def fix_missing_transformer_engine():
 
     if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # multi-latent attention decides HAVE_TE from an import that succeeds without TE (megatron's
+    # extension module stubs it), then calls isinstance(linear, TELinear) with a non-type
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import multi_latent_attention
+
+    if not te_extension.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False
 
 
 def check_megatron_version():

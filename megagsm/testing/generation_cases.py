@@ -69,6 +69,27 @@ def forward_logprobs(model, prompt_ids, result) -> float:
     return worst
 
 
+def train_step_after_generation(model, tokens: list[int]) -> bool:
+    """A training forward + backward on the same model right after generate(): nothing created under
+    generation's inference_mode may leak into the training graph. Returns whether grads are finite."""
+    from megagsm.generation.mode import unwrap
+
+    gpt = unwrap(model)
+    was = gpt.training
+    gpt.train()
+    gpt.zero_grad(set_to_none=True)
+    ids = torch.tensor([tokens])
+    out = gpt(ids, torch.arange(len(tokens))[None], None, labels=ids)
+    if out is None or not torch.is_tensor(out) or not gpt.post_process:
+        ok = True  # a pipeline stage without the loss: nothing to backprop alone
+    else:
+        out.float().mean().backward()
+        ok = all(torch.isfinite(p.grad).all() for p in gpt.parameters() if p.grad is not None)
+    gpt.zero_grad(set_to_none=True)
+    gpt.train(was)
+    return bool(ok)
+
+
 def _init(parallel: ParallelConfig, seed=1234):
     from megagsm.runtime import init_runtime
 
@@ -106,6 +127,15 @@ def single_process_cases() -> dict:
 
     _init(ParallelConfig())
     out = {}
+    from megagsm.runtime import cpu_compat
+
+    with cpu_compat.suspended():  # generation's fast path: the torch-function mode is off...
+        try:
+            torch.zeros(1, device="cuda")
+            out["suspended_mode_off"] = False
+        except (RuntimeError, AssertionError):
+            out["suspended_mode_off"] = True
+    out["mode_back"] = str(torch.zeros(1, device="cuda").device) == "cpu"  # ...and back after
     hf = dense_hf()
     ps_ = prompts()
     out["hf"] = hf_greedy(hf, ps_)
@@ -116,6 +146,9 @@ def single_process_cases() -> dict:
         out[f"greedy_{side}"] = r.completions()
         out[f"greedy_{side}_lp_err"] = forward_logprobs(model, ps_, r)
         out[f"greedy_{side}_reasons"] = r.finish_reasons
+        # prefill in row chunks (batch offsets into the cache): 1-2 prompts per chunk
+        r = generate(model, ps_, greedy, padding_side=side, max_prefill_tokens=2 * 13)
+        out[f"greedy_{side}_chunked"] = r.completions()
 
     sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, top_k=40, top_p=0.9, n=3, seed=5)
     a = generate(model, ps_, sampled)
@@ -173,6 +206,7 @@ def single_process_cases() -> dict:
     out["grads_untouched"] = len(grads) > 0 and all(
         torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if n in grads)
     out["train_mode_greedy_equal"] = r.completions() == out["greedy_left"]
+    out["train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
     model.eval()
 
     moe, full_state = moe_model(ParallelConfig())
@@ -221,6 +255,8 @@ def two_rank_cases(moe_state, moe_eos_id) -> dict:
         out[f"{name}_sample"] = r.completions()
         again = generate(model, mine, sampled)
         out[f"{name}_sample_reproducible"] = again.completions() == r.completions()
+        if name != "pp2":  # (a pipeline needs the schedule to train; generation itself is tested)
+            out[f"{name}_train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
 
     # MoE, expert parallel: ranks hold different prompts and finish at different steps, so the
     # finished rank keeps joining the other's expert exchanges (lockstep dummy forwards)
@@ -237,4 +273,14 @@ def two_rank_cases(moe_state, moe_eos_id) -> dict:
     # a rank with no prompts at all still serves the other's expert exchanges
     r = generate(moe, mine if dist.get_rank() == 0 else [], SamplingParams(max_new_tokens=4, greedy=True))
     out["ep2_empty_rank_lengths"] = r.lengths.tolist()
+    # more prompts than one batch: rank 0 runs 2 groups, rank 1 one group and one empty group
+    from megagsm.generation import generate_batched
+
+    r = generate_batched(moe, mine, params, max_batch_size=2)
+    out["ep2_batched_completions"] = r.completions()
+    # prefill chunks: 3 on rank 0, 1 on rank 1 (which joins the other two with dummy forwards)
+    r = generate(moe, mine, params, max_prefill_tokens=7)
+    out["ep2_chunked_completions"] = r.completions()
+    out["ep2_train_after_generate"] = train_step_after_generation(moe, mp[3][:6])
+    out["ep2_batched_prompt_index"] = r.prompt_index
     return out

@@ -1,0 +1,246 @@
+"""SFT training throughput: megagsm (megatron-core GPTModel, TP=1, one process) vs a plain transformers
+Qwen2ForCausalLM + torch.optim.AdamW loop, same shape, batch and optimizer settings, in one process.
+
+    python bench/sft.py [--repeats 7] [--batch 8] [--seq 256] [--no-memory]
+
+Prints ONE JSON line. Timing: after a warm-up step each, every round times a large fp32 matmul, one
+megagsm step and one transformers step back to back (interleaved, so load from other processes hits
+both alike); each figure is the median over the rounds.
+
+Model FLOPs per trained token (forward + backward), documented so the fractions can be checked:
+    6 * N  +  6 * L * s * d_attn
+N = parameters that take part in matmuls (everything except the input embedding table and norm
+weights; the untied output projection counts), L layers, s sequence length, d_attn = heads * head_dim;
+the attention term is the score and value matmuls (4 * s * d_attn per token per layer forward, x3
+with backward) halved for the causal mask. Fraction of peak = model FLOP/s / measured matmul FLOP/s
+(2 * n^3 / t for an n x n fp32 matmul, median over rounds, best of 3 calls within a round).
+
+Unless --no-memory, also measures the loss kernel's peak memory (output projection + cross-entropy,
+forward + backward, 8192 tokens x 32768 vocab, hidden 512, fp32) for the plain path (matmul + megatron's
+`vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens), each in a fresh
+process, as the growth of the process's peak RSS (VmHWM, reset just before) over its RSS before the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# Qwen2-shaped, ~20M parameters
+SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=2, ffn=1536, vocab=8192)
+OPTIM = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, clip=1.0)
+
+
+def build_megagsm(seq: int):
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.models.gpt import GPTArchitecture, build_model_chunks
+    from megagsm.models.training import build_optimizer, parallel_fields, wrap_ddp
+    from megagsm.runtime import init_runtime
+
+    parallel = ParallelConfig(use_distributed_optimizer=False)
+    init_runtime(parallel, seed=0)
+    config = TransformerConfig(
+        num_layers=SHAPE["layers"], hidden_size=SHAPE["hidden"], num_attention_heads=SHAPE["heads"],
+        num_query_groups=SHAPE["kv_heads"], ffn_hidden_size=SHAPE["ffn"],
+        normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        pipeline_dtype=torch.float32,
+        # CUDA-only fusions: off on CPU (megatron would otherwise try apex/TE kernels)
+        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        **parallel_fields(parallel),
+    )
+    arch = GPTArchitecture(vocab_size=SHAPE["vocab"], max_sequence_length=seq, rotary_base=1000000.0)
+    chunks = wrap_ddp(build_model_chunks(config, arch), parallel)
+    optimizer = build_optimizer(chunks, OptimizerConfig(
+        optimizer="adam", lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
+        adam_beta1=OPTIM["betas"][0], adam_beta2=OPTIM["betas"][1], adam_eps=OPTIM["eps"],
+        clip_grad=OPTIM["clip"], use_distributed_optimizer=False))
+    return chunks, optimizer
+
+
+def build_transformers(seq: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
+        num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
+        intermediate_size=SHAPE["ffn"], vocab_size=SHAPE["vocab"], max_position_embeddings=seq,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, attn_implementation="sdpa",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], betas=OPTIM["betas"],
+                                  eps=OPTIM["eps"], weight_decay=OPTIM["weight_decay"])
+    return model, optimizer
+
+
+def model_flops_per_token(params_in_matmuls: int, seq: int) -> float:
+    d_attn = SHAPE["heads"] * (SHAPE["hidden"] // SHAPE["heads"])
+    return 6.0 * params_in_matmuls + 6.0 * SHAPE["layers"] * seq * d_attn
+
+
+def matmul_flops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def throughput(args) -> dict:
+    from megagsm.models.training import train_step
+
+    batch, seq = args.batch, args.seq
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, SHAPE["vocab"], (batch, seq + 1), generator=gen)
+    mg_batch = {
+        "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": torch.ones(batch, seq), "position_ids": torch.arange(seq).expand(batch, -1).contiguous(),
+    }
+    chunks, mg_opt = build_megagsm(seq)
+    hf_model, hf_opt = build_transformers(seq)
+
+    def megagsm_step():
+        return train_step(chunks, mg_opt, [mg_batch], 1, seq, batch).loss
+
+    def transformers_step():
+        hf_opt.zero_grad(set_to_none=True)
+        # transformers shifts labels itself: labels = inputs gives the same next-token targets
+        loss = hf_model(input_ids=mg_batch["tokens"], labels=tokens[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), OPTIM["clip"])
+        hf_opt.step()
+        return loss.item()
+
+    first = {"megagsm": megagsm_step(), "transformers": transformers_step()}  # warm-up
+    times = {"megagsm": [], "transformers": [], "matmul_flops": []}
+    for _ in range(args.repeats):
+        times["matmul_flops"].append(matmul_flops())
+        for name, step in (("megagsm", megagsm_step), ("transformers", transformers_step)):
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tok = batch * seq
+    mg_params = sum(p.numel() for p in chunks[0].module.parameters())
+    hf_params = sum(p.numel() for p in hf_model.parameters())
+    embedding = SHAPE["vocab"] * SHAPE["hidden"]
+    norms = SHAPE["hidden"] * (2 * SHAPE["layers"] + 1)
+    flops_tok = model_flops_per_token(mg_params - embedding - norms, seq)
+    mg_tps, hf_tps = tok / med["megagsm"], tok / med["transformers"]
+    peak = med["matmul_flops"]
+    return {
+        "megagsm_tokens_per_s": round(mg_tps, 1),
+        "transformers_tokens_per_s": round(hf_tps, 1),
+        "ratio": round(mg_tps / hf_tps, 3),
+        "megagsm_frac_of_matmul_peak": round(mg_tps * flops_tok / peak, 3),
+        "transformers_frac_of_matmul_peak": round(hf_tps * flops_tok / peak, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "model_flops_per_token": flops_tok,
+        "params": {"megagsm": mg_params, "transformers": hf_params},
+        "batch": [batch, seq], "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "first_loss": {k: round(v, 4) for k, v in first.items()},
+        "step_s_all": {k: [round(x, 3) for x in v] for k, v in times.items() if k != "matmul_flops"},
+    }
+
+
+# ---- loss kernel memory (each variant in a fresh process) ----
+
+MEM_SHAPE = dict(tokens=8192, hidden=512, vocab=32768, chunk=1024)
+
+
+def _status_bytes(field: str) -> int:
+    """VmRSS / VmHWM (peak RSS) of this process from /proc (Linux). Unlike getrusage's ru_maxrss,
+    VmHWM is not inherited from the parent process, and writing 5 to clear_refs resets it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(variant: str) -> dict:
+    from megatron.core import tensor_parallel
+
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.runtime import init_runtime
+    from megagsm.sft.fused_ce import chunked_vocab_parallel_cross_entropy
+
+    init_runtime(ParallelConfig(), seed=0)
+    n, h, v = MEM_SHAPE["tokens"], MEM_SHAPE["hidden"], MEM_SHAPE["vocab"]
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, 1, h, generator=gen).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (1, n), generator=gen)
+
+    def step():
+        if variant == "plain":
+            logits = torch.matmul(hidden, weight.t())  # megatron's output layer at TP=1
+            loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
+        else:
+            loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"])
+        loss.sum().backward()
+        value = loss.detach().sum().item()
+        hidden.grad = weight.grad = None
+        return value
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = max(_status_bytes("VmRSS"), _status_bytes("VmHWM"))
+    t = time.perf_counter()
+    value = step()
+    seconds = time.perf_counter() - t
+    peak = _status_bytes("VmHWM")
+    return {"peak_extra_mib": round((peak - before) / 2**20, 1), "seconds": round(seconds, 3), "loss_sum": value}
+
+
+def memory(args) -> dict:
+    out = {"shape": dict(MEM_SHAPE), "full_logits_fp32_mib": MEM_SHAPE["tokens"] * MEM_SHAPE["vocab"] * 4 / 2**20}
+    # a fresh rendezvous per child: this process's torch.distributed port is still bound
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    for variant in ("plain", "chunked"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", variant], capture_output=True, text=True,
+            env=dict(env, PYTHONWARNINGS="ignore"), check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-3000:]}")
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child)))
+        return
+    result = throughput(args)
+    if not args.no_memory:
+        result["loss_memory"] = memory(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    main()

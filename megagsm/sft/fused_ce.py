@@ -1,0 +1,291 @@
+"""Memory-efficient vocab-parallel cross-entropy: the output projection and the loss, fused and
+chunked over tokens, so the full [tokens, vocab/tp] fp32 logits never exist at once.
+
+The plain path (GPTModel with `labels`) materialises logits [s, b, V/tp] in the activation dtype, an
+fp32 copy inside megatron's `vocab_parallel_cross_entropy`, and keeps the fp32 softmax alive until the
+backward: for 8k tokens x 150k vocab that is ~5 GB per copy. Here each chunk of `chunk_size` tokens
+computes its logits, the loss of its tokens (with megatron's arithmetic and its three TP all-reduces:
+max, target logit, sum of exponentials) and keeps only two floats per token (max, sum of exps).
+Gradients, two ways, both exact:
+* given the loss mask the losses will be weighted with (what megatron's loss function does), each
+  chunk's logit gradient (softmax - one_hot) * mask is formed right away, while the chunk is in
+  cache, and turned into grad_hidden and grad_weight; the backward multiplies them by the scalar the
+  incoming gradient turns out to be (it checks that it is c * mask). Same three matmuls as the
+  plain path, and no [tokens, V] tensor ever: this is also the faster path on CPU.
+* otherwise (or if the incoming gradient is not c * mask) the backward recomputes each chunk's
+  logits: one extra [tokens, h] x [h, V/tp] matmul.
+Peak extra memory: one chunk's logits plus the weight gradient (the plain path holds it too).
+
+megatron-core 0.16.1 has no linear+cross-entropy fusion (its `fused_vocab_parallel_cross_entropy`
+still takes full logits) and no GPTModel switch that returns hidden states on the last stage, so
+`gpt_hidden_states` runs GPTModel.forward with its post-processing turned off for the call (the
+decoder, final norm included, runs as usual; what is skipped is exactly the output layer + loss).
+
+Use from a megatron schedule: `forward_step_func=chunked_lm_forward_step(chunk_size)` in place of
+`megagsm.models.training.lm_forward_step`; it returns the same per-token loss [b, s].
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+
+def _tp_group(tp_group):
+    if tp_group is not None:
+        return tp_group
+    if ps.model_parallel_is_initialized():
+        return ps.get_tensor_model_parallel_group()
+    return None
+
+
+def _logits_grad_(probs, sum_exp, local_target, not_masked, scale):
+    """exp(logits - max) -> (softmax - one_hot(target)) * scale, in place, as megatron's backward."""
+    probs.div_(sum_exp.unsqueeze(-1))
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    probs[rows, local_target] -= not_masked
+    return probs.mul_(scale.unsqueeze(-1))
+
+
+def _accumulate(grad_logits, h, weight, grad_hidden_rows, grad_weight):
+    grad_logits = grad_logits.to(h.dtype)
+    if grad_hidden_rows is not None:
+        torch.matmul(grad_logits, weight, out=grad_hidden_rows)
+    if grad_weight is not None:
+        if grad_logits.dtype == torch.float32:
+            grad_weight.addmm_(grad_logits.t(), h)
+        else:  # accumulated in fp32 across chunks whatever the weight dtype
+            grad_weight += torch.matmul(grad_logits.t(), h).float()
+
+
+class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
+    """loss[i] = logsumexp_v(h_i . w_v) - h_i . w_target(i), v over the whole (TP-split) vocabulary.
+
+    With `token_weights` (the loss mask the caller multiplies the losses by) the gradients for an
+    incoming gradient of c * token_weights are formed in the forward pass, while each chunk's logits
+    are still in cache, and the backward only scales them by c: three matmuls per chunk as in the
+    plain path, no recompute. Any other incoming gradient takes the recompute path (exact either way).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, token_weights, chunk_size, tp_group, need_hidden, need_weight):
+        n = hidden.shape[0]
+        vocab_local = weight.shape[0]
+        tp_size = tp_group.size() if tp_group is not None else 1
+        tp_rank = tp_group.rank() if tp_group is not None else 0
+        start = tp_rank * vocab_local
+        # as megatron: a target outside this rank's vocab range contributes 0 to the target logit
+        target_mask = (target < start) | (target >= start + vocab_local)
+        local_target = (target - start).masked_fill(target_mask, 0)
+        not_masked = (~target_mask).float()
+        logits_max = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        sum_exp = torch.empty_like(logits_max)
+        loss = torch.empty_like(logits_max)
+        precompute = token_weights is not None and (need_hidden or need_weight)
+        grad_hidden = torch.empty_like(hidden) if precompute and need_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if precompute and need_weight else None)
+        for lo in range(0, n, chunk_size):
+            hi = min(n, lo + chunk_size)
+            h = hidden[lo:hi]
+            logits = torch.matmul(h, weight.t()).float()
+            chunk_max = logits.max(dim=-1)[0]
+            if tp_size > 1:
+                dist.all_reduce(chunk_max, op=dist.ReduceOp.MAX, group=tp_group)
+            logits.sub_(chunk_max.unsqueeze(-1))
+            predicted = logits.gather(1, local_target[lo:hi].unsqueeze(-1)).squeeze(-1)
+            predicted.masked_fill_(target_mask[lo:hi], 0.0)
+            chunk_sum = logits.exp_().sum(dim=-1)
+            if tp_size > 1:
+                both = torch.stack([predicted, chunk_sum])
+                dist.all_reduce(both, op=dist.ReduceOp.SUM, group=tp_group)
+                predicted, chunk_sum = both[0], both[1]
+            loss[lo:hi] = torch.log(chunk_sum) - predicted
+            logits_max[lo:hi] = chunk_max
+            sum_exp[lo:hi] = chunk_sum
+            if precompute:
+                grad_logits = _logits_grad_(logits, chunk_sum, local_target[lo:hi], not_masked[lo:hi],
+                                            token_weights[lo:hi])
+                _accumulate(grad_logits, h, weight,
+                            grad_hidden[lo:hi] if grad_hidden is not None else None, grad_weight)
+            del logits
+        ctx.save_for_backward(hidden, weight, local_target, not_masked, logits_max, sum_exp, token_weights)
+        ctx.chunk_size = chunk_size
+        ctx.precomputed = (grad_hidden, grad_weight) if precompute else None
+        ctx.need = (need_hidden, need_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, local_target, not_masked, logits_max, sum_exp, token_weights = ctx.saved_tensors
+        need_hidden, need_weight = ctx.need
+        grad_loss = grad_loss.float()
+        if ctx.precomputed is not None:
+            scale = _common_scale(grad_loss, token_weights)
+            if scale is not None:
+                grad_hidden, grad_weight = ctx.precomputed
+                ctx.precomputed = None
+                if scale != 1.0:
+                    grad_hidden = grad_hidden.mul_(scale) if grad_hidden is not None else None
+                    grad_weight = grad_weight.mul_(scale) if grad_weight is not None else None
+                if grad_weight is not None:
+                    grad_weight = grad_weight.to(weight.dtype)
+                return grad_hidden, grad_weight, None, None, None, None, None, None
+        ctx.precomputed = None
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if need_weight else None)
+        for lo in range(0, n, ctx.chunk_size):
+            hi = min(n, lo + ctx.chunk_size)
+            h = hidden[lo:hi]
+            probs = torch.matmul(h, weight.t()).float()
+            probs.sub_(logits_max[lo:hi].unsqueeze(-1)).exp_()
+            grad_logits = _logits_grad_(probs, sum_exp[lo:hi], local_target[lo:hi], not_masked[lo:hi],
+                                        grad_loss[lo:hi])
+            _accumulate(grad_logits, h, weight,
+                        grad_hidden[lo:hi] if grad_hidden is not None else None, grad_weight)
+            del probs, grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _common_scale(grad_loss, token_weights) -> float | None:
+    """c when grad_loss == c * token_weights exactly (megatron's masked sum times the loss scale),
+    else None."""
+    if token_weights.numel() == 0:
+        return 1.0
+    pivot = int(torch.argmax(token_weights.abs()))
+    if token_weights[pivot] == 0:
+        return 0.0 if not grad_loss.any() else None
+    scale = float(grad_loss[pivot] / token_weights[pivot])
+    return scale if torch.equal(grad_loss, token_weights * scale) else None
+
+
+def chunked_vocab_parallel_cross_entropy(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    sequence_parallel: bool = False,
+    tp_group=None,
+    loss_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token loss [b, s] (fp32) of `labels` [b, s] under logits = hidden @ output_weight.T.
+
+    hidden: [s, b, h] decoder output (final norm applied), [s/tp, b, h] with sequence_parallel;
+    output_weight: this rank's vocab shard [V/tp, h] (`output_layer.weight`, or the embedding for
+    tied weights). Equal (values and gradients) to the output layer + megatron's
+    `tensor_parallel.vocab_parallel_cross_entropy` on full logits, with at most `chunk_size` tokens'
+    logits alive at a time. The input enters the TP region as megatron's ColumnParallelLinear would
+    take it (identity / all-reduce of its gradient, or the sequence all-gather with SP).
+
+    loss_mask [b, s] (optional): the weights the caller multiplies the per-token losses by. When
+    given, gradients are formed in the forward pass (no recompute, see the Function's docstring)."""
+    if chunk_size < 1:
+        raise ValueError(f"train.loss_chunk_size must be >= 1, got {chunk_size}")
+    group = _tp_group(tp_group)
+    tp_size = group.size() if group is not None else 1
+    if tp_size > 1:
+        hidden = (gather_from_sequence_parallel_region(hidden, True, group=group)
+                  if sequence_parallel else copy_to_tensor_model_parallel_region(hidden, group=group))
+    elif tp_size == 1:
+        group = None
+    s, b, h = hidden.shape
+    if labels.shape != (b, s):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states [s={s}, b={b}]")
+    # bf16 runs: Float16Module hands the last stage's output back in fp32; the logits are computed
+    # in the weight's dtype as megatron's output layer does (the round trip is exact)
+    hidden = hidden.to(output_weight.dtype).reshape(s * b, h)
+    target = labels.transpose(0, 1).reshape(s * b)
+    need_hidden = torch.is_grad_enabled() and hidden.requires_grad
+    need_weight = torch.is_grad_enabled() and output_weight.requires_grad
+    token_weights = None
+    if loss_mask is not None:
+        if loss_mask.shape != (b, s):
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != labels shape {(b, s)}")
+        token_weights = loss_mask.transpose(0, 1).reshape(s * b).float()
+    loss = _ChunkedVocabParallelCrossEntropy.apply(hidden, output_weight, target, token_weights,
+                                                   chunk_size, group, need_hidden, need_weight)
+    return loss.view(s, b).transpose(0, 1).contiguous()
+
+
+def unwrap_gpt(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    from megatron.core.models.gpt import GPTModel
+
+    inner = model
+    while not isinstance(inner, GPTModel):
+        if not hasattr(inner, "module"):
+            raise TypeError(f"expected a (wrapped) megatron GPTModel, got {type(model).__name__}")
+        inner = inner.module
+    return inner
+
+
+@contextlib.contextmanager
+def _without_output_layer(gpt):
+    """GPTModel.forward returns the decoder's hidden states while active (see module docstring)."""
+    saved = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = saved
+
+
+def gpt_hidden_states(model, tokens, position_ids, attention_mask, **forward_kwargs) -> torch.Tensor:
+    """Decoder output [s, b, h] ([s/tp, b, h] with sequence parallelism) of a (wrapped) GPTModel,
+    without computing logits. Called through the wrappers so their hooks and casts still apply."""
+    gpt = unwrap_gpt(model)
+    if gpt.config.mtp_num_layers:
+        raise ValueError("train.loss=chunked does not support multi-token prediction layers")
+    with _without_output_layer(gpt):
+        return model(tokens, position_ids, attention_mask, **forward_kwargs)
+
+
+def output_weight(model) -> torch.Tensor:
+    """The output projection [V/tp, h] of the last stage (the embedding when weights are tied)."""
+    gpt = unwrap_gpt(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_size: int,
+                    loss_mask: torch.Tensor | None = None):
+    """Per-token loss [b, s] on the last pipeline stage (what `model(..., labels=labels)` returns,
+    computed chunk-wise); other stages return their hidden states for the next stage. Pass the
+    loss mask the losses will be weighted with to have the gradients formed in the forward pass."""
+    gpt = unwrap_gpt(model)
+    if not gpt.post_process:
+        return model(tokens, position_ids, attention_mask)
+    hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
+    return chunked_vocab_parallel_cross_entropy(
+        hidden, output_weight(model), labels, chunk_size,
+        sequence_parallel=gpt.output_layer.sequence_parallel,
+        tp_group=gpt.output_layer.tp_group,
+        loss_mask=loss_mask,
+    )
+
+
+def chunked_lm_forward_step(chunk_size: int):
+    """A megatron forward_step_func like `megagsm.models.training.lm_forward_step`, with the chunked
+    loss. Batch dict: tokens, position_ids, labels, loss_mask, optional attention_mask."""
+    from megagsm.models.training import masked_token_loss
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = chunked_lm_loss(model, batch["tokens"], batch["position_ids"],
+                                 batch.get("attention_mask"), batch["labels"], chunk_size,
+                                 loss_mask=batch["loss_mask"])
+        return output, partial(masked_token_loss, batch["loss_mask"])
+
+    return forward_step
