@@ -7,9 +7,9 @@ The step is `megagsm.rl.trainer.GSPORun.train_step`, the trainer's own: in-proce
 `--prompts` x `--n` rollouts with the trainer's weights, GSM8K scoring, group advantages, the old
 log-prob pass and `--mini-batches` optimizer steps through megatron's schedules. Inputs: synthetic
 GSM8K-style problems (level 2) and a small BPE tokenizer trained on them (megagsm.demo); the model has
-random weights and the given shape, so sampling never stops early: every rollout is exactly
-`--new-tokens` long, which makes runs comparable. Group filtering is off, so every rollout is trained
-on (random weights score 0: all advantages are 0, the compute is the same). One warm-up step, then
+random weights and the given shape, so rollouts run until `--new-tokens` unless the random policy
+happens to sample EOS (the JSON reports the tokens actually generated). Group filtering is off, so
+every rollout is trained on (random weights score 0: all advantages are 0, the compute is the same). One warm-up step, then
 `--steps` timed steps; the fastest is reported (other processes share this machine). Prints one JSON
 line.
 """

@@ -26,7 +26,7 @@ from megatron.core import parallel_state as ps
 from megagsm.config import RunConfig, save_config
 from megagsm.config.errors import ConfigError
 from megagsm.data.prompts import encode_prompt
-from megagsm.generation import SamplingParams, generate_batched
+from megagsm.generation.mode import unwrap
 from megagsm.models.builder import build_model
 from megagsm.models.training import build_optimizer, wrap_ddp
 from megagsm.rl.batching import Rollouts, build_minibatches, comm_device, compute_advantages
@@ -37,7 +37,7 @@ from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_po
 from megagsm.runtime import init_runtime
 from megagsm.sft import checkpoint as ckpt
 from megagsm.sft.data import length_multiple, load_examples, load_tokenizer
-from megagsm.sft.evaluation import gsm8k_accuracy
+from megagsm.sft.evaluation import gsm8k_accuracy, make_generate_fn
 from megagsm.sft.optim import build_scheduler, current_lr, optimizer_config
 from megagsm.utils.logging import MetricsWriter, get_logger, is_rank0, plot_metrics, progress
 
@@ -75,7 +75,9 @@ class GSPORun:
         self.share = rank_share(g.prompts_per_step, g.mini_batches, self.info.dp_size, self.info.dp_rank)
         self.scorer = Scorer(g.reward, g.reward_method)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.vocab_limit = len(self.tokenizer) if len(self.tokenizer) < self.hf_config.vocab_size else None
+        # megatron pads the embedding table (to a multiple of tp and more): those rows are not tokens
+        model_vocab = unwrap(self.chunks[0]).vocab_size
+        self.vocab_limit = len(self.tokenizer) if len(self.tokenizer) < model_vocab else None
         gen = cfg.generation
         self.spec = LossSpec(g.loss_mode, g.clip_ratio_low, g.clip_ratio_high, g.loss_agg_mode, g.kl_coef,
                              gen.temperature if gen.temperature > 0 else 1.0, self.vocab_limit,
@@ -198,19 +200,12 @@ class GSPORun:
                 "epoch": self.schedule.epoch_of(self.step + 1)}
 
     # ------------------------------------------------------------------ evaluation, loop, saving
-    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        gen = self.cfg.generation
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1,
-                                stop_token_ids=stop_token_ids(self.tokenizer), stop_strings=tuple(gen.stop))
-        out = generate_batched(self.chunks, prompts, params, self.tokenizer, max_batch_size=gen.max_batch_size,
-                               pad_token_id=self.pad_id, vocab_limit=self.vocab_limit)
-        return out.completions()
-
     def evaluate(self) -> dict:
         if not self.held_out or not self.cfg.train.eval_accuracy:
             return {}
         started = time.perf_counter()
-        acc = gsm8k_accuracy(self.held_out, self.tokenizer, self.greedy, self.cfg.data,
+        greedy = make_generate_fn(self.chunks, self.tokenizer, self.cfg.generation)
+        acc = gsm8k_accuracy(self.held_out, self.tokenizer, greedy, self.cfg.data,
                              self.cfg.generation.max_new_tokens, method=self.cfg.algorithm.gspo.reward_method)
         log.info("eval at step %d: accuracy %.4f (%d held-out examples)", self.step, acc.accuracy, acc.num_examples)
         return {"accuracy": acc.accuracy, "time_eval": time.perf_counter() - started}
