@@ -233,10 +233,11 @@ def extra_layers_ignored(num_layers: int, extra: int) -> tuple[str, ...]:
     return (rf"model\.layers\.({indices})\..+",)
 
 
-def layer_spec_fn(config, vp_stage=None):
+def layer_spec_fn(config, vp_stage=None, use_transformer_engine=None):
     """megagsm's decoder block spec with transformer-engine checkpoint names on local layers."""
     from megagsm.layers.spec import HAVE_TE, decoder_block_spec
     from megagsm.layers.te_names import with_te_checkpoint_names
 
-    block = decoder_block_spec(config, vp_stage=vp_stage)
-    return block if HAVE_TE else with_te_checkpoint_names(block)
+    use_te = HAVE_TE if use_transformer_engine is None else use_transformer_engine
+    block = decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
+    return block if use_te else with_te_checkpoint_names(block)
