@@ -40,12 +40,13 @@ def _child(rank, world_size, port, out_dir, fn, args, kwargs):
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
     finally:
-        try:
-            from megagsm.runtime import shutdown_runtime
+        if torch.distributed.is_initialized():  # importing megatron just to find nothing costs seconds
+            try:
+                from megagsm.runtime import shutdown_runtime
 
-            shutdown_runtime()
-        except Exception:
-            pass
+                shutdown_runtime()
+            except Exception:
+                pass
 
 
 def _launch(fn, world_size, args, kwargs, timeout, out_dir):
