@@ -118,14 +118,21 @@ def _precheck(args) -> None:
     check_model_type(load_hf_config(source).get("model_type"))
     if getattr(args, "out", None) and os.path.exists(args.out) and not args.overwrite:
         raise ModelInputError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
-    if args.command in ("hf-to-mcore", "verify"):
-        _, world = _world()
-        if world % (args.tp * args.pp):
-            raise ModelInputError(
-                f"layout: --tp {args.tp} --pp {args.pp} needs a multiple of {args.tp * args.pp} processes, "
-                f"got {world}; launch with: torchrun --nproc-per-node {args.tp * args.pp} -m checkpoints_tools "
-                f"{args.command} ..."
-            )
+
+
+def _check_layout(args, config_dir) -> None:
+    """The model must split at the layout (named config field), then the processes must match it."""
+    from megagsm.models.errors import ModelInputError
+    from megagsm.models.provider import load_hf_config, provider_for
+
+    provider_for(load_hf_config(config_dir)).check_layout(_layout_only(args))
+    _, world = _world()
+    if world % (args.tp * args.pp):
+        raise ModelInputError(
+            f"layout: --tp {args.tp} --pp {args.pp} needs a multiple of {args.tp * args.pp} processes, "
+            f"got {world}; launch with: torchrun --nproc-per-node {args.tp * args.pp} -m checkpoints_tools "
+            f"{args.command} ..."
+        )
 
 
 def _init(args):
@@ -144,10 +151,8 @@ def run(args) -> int:
     _precheck(args)
     if args.command == "hf-to-mcore":
         from megagsm.checkpoint.hf_to_mcore import convert_hf_to_mcore
-        from megagsm.models.provider import load_hf_config, provider_for
 
-        provider_for(load_hf_config(args.hf_dir)).check_layout(
-            _layout_only(args))  # layout errors before any process group exists
+        _check_layout(args, args.hf_dir)  # before any process group exists
         parallel = _init(args)
         summary = convert_hf_to_mcore(args.hf_dir, args.out, parallel, overwrite=args.overwrite,
                                       progress=not args.no_progress)
@@ -165,9 +170,8 @@ def run(args) -> int:
         print(json.dumps({"command": "mcore-to-hf", "out": args.out, **summary}))
         return 0
     from megagsm.checkpoint.verify import verify_logits
-    from megagsm.models.provider import load_hf_config, provider_for
 
-    provider_for(load_hf_config(args.mcore_dir)).check_layout(_layout_only(args))
+    _check_layout(args, args.mcore_dir)
     parallel = _init(args)
     report = verify_logits(args.hf_dir, args.mcore_dir, parallel, batch=args.batch_size, seq=args.seq_len,
                            seed=args.seed, dtype=args.dtype, tolerance=args.tolerance)

@@ -7,7 +7,11 @@ Steps (outputs under runs/demo/):
 3. sft/: `torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/sft_demo_cpu.yaml`,
    which writes metrics.jsonl (phase "sft": step, loss, val_loss and accuracy when evaluated),
    sft_metrics.png, checkpoints/ and, when the converters are installed, the HF export hf/,
-4. prints the held-out accuracy (greedy decoding, exact final answer) before and after SFT.
+4. gspo/: GSPO from the SFT checkpoint, same model, 2 processes (megagsm.rl.demo,
+   launch/recipes/gspo_demo_cpu.yaml): metrics.jsonl (phase "gspo": step, reward_mean, accuracy, ...),
+   reward_curve.png, gspo_metrics.png, checkpoints/,
+5. prints the held-out accuracy (greedy decoding, exact final answer) before and after SFT and GSPO,
+   and the mean rollout reward at the start and end of GSPO.
 """
 from __future__ import annotations
 
@@ -108,18 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2: TP=2)")
     parser.add_argument("--keep", action="store_true", help="keep a previous run's checkpoints (resume)")
+    parser.add_argument("--no-gspo", action="store_true", help="stop after the SFT phase")
+    parser.add_argument("--gspo", action="append", default=[], metavar="section.field=value",
+                        help="an override for the GSPO run (repeatable)")
     parser.add_argument("overrides", nargs="*", help="extra section.field=value overrides for the SFT run")
     args = parser.parse_args(argv)
 
     started = time.time()
     root = Path(args.root) if os.path.isabs(args.root) else REPO / args.root
     sft_dir = root / "sft"
-    if sft_dir.exists() and not args.keep:
-        shutil.rmtree(sft_dir)
-    print(f"[demo] 1/3 synthetic GSM8K + tokenizer + model config under {root}", flush=True)
+    for phase_dir in (sft_dir, root / "gspo"):
+        if phase_dir.exists() and not args.keep:
+            shutil.rmtree(phase_dir)
+    total = 3 if args.no_gspo else 4
+    print(f"[demo] 1/{total} synthetic GSM8K + tokenizer + model config under {root}", flush=True)
     inputs = prepare_inputs(root)
     print(f"[demo]     tokenizer: {inputs['tokenizer_size']} tokens; data: {inputs['train']}", flush=True)
-    print("[demo] 2/3 SFT: tiny Qwen2-shaped model, random init, TP=2 on 2 processes", flush=True)
+    print(f"[demo] 2/{total} SFT: tiny Qwen2-shaped model, random init, TP=2 on 2 processes", flush=True)
     overrides = [f"model.hf_dir={inputs['base']}", f"data.train_path={inputs['train']}",
                  f"data.eval_path={inputs['test']}", f"train.output_dir={sft_dir}", *args.overrides]
     rc = torchrun(args.nproc, SFT_RECIPE, overrides)
@@ -127,11 +136,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] SFT failed (exit {rc})", file=sys.stderr)
         return rc
     before, after = accuracy_before_after(str(sft_dir / "metrics.jsonl"), "sft")
-    print("[demo] 3/3 results", flush=True)
+    gspo = {}
+    if not args.no_gspo:
+        from megagsm.rl.demo import run_phase
+
+        print(f"[demo] 3/{total} GSPO from the SFT checkpoint: same model, rollouts sampled in-process, "
+              "2 processes (data parallel)", flush=True)
+        rc, gspo = run_phase(root, inputs, sft_dir, args.nproc, torchrun, args.gspo)
+        if rc != 0:
+            print(f"[demo] GSPO failed (exit {rc})", file=sys.stderr)
+            return rc
+    print(f"[demo] {total}/{total} results", flush=True)
     print(f"[demo]   held-out accuracy (greedy, exact answer): before SFT {_fmt(before)}, after SFT {_fmt(after)}")
     print(f"[demo]   metrics: {sft_dir / 'metrics.jsonl'}  plot: {sft_dir / 'sft_metrics.png'}")
     print(f"[demo]   checkpoints: {sft_dir / 'checkpoints'}"
           + (f"  HF export: {sft_dir / 'hf'}" if (sft_dir / "hf").exists() else "  (HF export skipped)"))
+    if gspo:
+        print(f"[demo]   GSPO ({gspo['steps']} steps): held-out accuracy {_fmt(gspo['accuracy_before'])} -> "
+              f"{_fmt(gspo['accuracy_after'])}; mean rollout reward (first / last 5 steps) "
+              f"{gspo['reward_first']:.3f} -> {gspo['reward_last']:.3f}")
+        print(f"[demo]   metrics: {gspo['metrics']}  reward curve: {gspo['reward_curve']}")
     print(f"[demo] done in {time.time() - started:.0f} s")
     return 0
 

@@ -125,8 +125,8 @@ def _in_ranks(hf, work):
     for name in ("bad_shape", "missing", "leftover"):
         res[name] = call("hf-to-mcore", "--hf-dir", f"{hf}/{name}", "--out", f"{work}/{name}.out", "--no-progress")
     res["layout"] = call("hf-to-mcore", "--hf-dir", f"{hf}/one_group", "--out", f"{work}/layout.out", "--tp", "2")
-    res["convert"] = call("hf-to-mcore", "--hf-dir", f"{hf}/llama", "--out", f"{work}/m", "--tp", "2",
-                          "--no-progress")
+    # tp=1 on 2 ranks: data-parallel replicas, only the main replica of each tensor writes it
+    res["convert"] = call("hf-to-mcore", "--hf-dir", f"{hf}/llama", "--out", f"{work}/m", "--no-progress")
     res["verify_tp2"] = call("verify", "--hf-dir", f"{hf}/llama", "--mcore-dir", f"{work}/m", "--tp", "2")
     res["verify_pp2"] = call("verify", "--hf-dir", f"{hf}/llama", "--mcore-dir", f"{work}/m", "--pp", "2",
                              "--seq-len", "8")

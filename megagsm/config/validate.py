@@ -1,6 +1,7 @@
 """Whole-config checks that need the world size: run them before any process group starts."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -17,7 +18,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     problems = parallel_problems(cfg.parallel, world_size)
     m = cfg.model
     problems += model_problems(cfg.parallel, m.num_layers, m.num_attention_heads, m.num_query_groups,
-                               m.num_experts, m.ffn_hidden_size)
+                               _num_experts(cfg), m.ffn_hidden_size)
     problems += _model_source_problems(cfg)
     problems += _batch_problems(cfg, world_size)
     problems += _data_problems(cfg)
@@ -26,6 +27,24 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("; ".join(problems))
     if cfg.parallel.sequence_parallel and not cfg.parallel.sequence_parallel_active:
         log.warning("parallel.sequence_parallel=true is ignored at parallel.tp=1 (as Megatron-LM does)")
+
+
+def _num_experts(cfg: RunConfig) -> int | None:
+    """model.num_experts, else the expert count of hf_dir's config.json (None there: dense). A recipe
+    whose hf_dir cannot be read here (a placeholder, or a path that only exists on the cluster) gets its
+    expert-parallel size taken on trust; the model builder checks it against the real config."""
+    m, p = cfg.model, cfg.parallel
+    if m.num_experts is not None or not m.hf_dir:
+        return m.num_experts
+    try:
+        with open(os.path.join(m.hf_dir, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return p.ep if p.ep > 1 else None
+    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
+        if isinstance(hf.get(key), int) and hf[key] > 0:
+            return hf[key]
+    return None
 
 
 def _model_source_problems(cfg: RunConfig) -> list[str]:

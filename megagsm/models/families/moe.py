@@ -234,8 +234,7 @@ def extra_layers_ignored(num_layers: int, extra: int) -> tuple[str, ...]:
 
 
 def layer_spec_fn(config, vp_stage=None, use_transformer_engine=None):
-    """megagsm's decoder block spec with transformer-engine checkpoint names on local layers.
-    use_transformer_engine: None = when installed (the provider passes False for meta builds)."""
+    """megagsm's decoder block spec with transformer-engine checkpoint names on local layers."""
     from megagsm.layers.spec import HAVE_TE, decoder_block_spec
     from megagsm.layers.te_names import with_te_checkpoint_names
 

@@ -1,0 +1,335 @@
+"""GSPO on 1 and 2 ranks over gloo, two process launches in all.
+
+Update invariance: one GSPO update (old log-probs, then ppo_epochs x mini_batches optimizer steps)
+on a fixed rollout batch must give the same parameters under TP1 (one process, one microbatch per
+mini-batch) and TP2, TP2+SP, DP2 with the distributed optimizer and PP2 (1F1B), each cut into
+microbatches of 3 rows (so filler rows and, under DP2 with group filtering, a rank with nothing but
+filler appear). fp32; tolerance as in the parity harness: Adam eps 1e-4 keeps updates a smooth
+function of the gradient, so 2e-6 on parameters after lr-1e-3 steps is ~500x below one step.
+
+End to end: `run_gspo` with in-process generation on a tiny random model (DP2 and TP2), with a toy
+reward a random policy earns about half the time (its completion holds a digit), so groups are mixed and
+updates happen. Resume: a run stopped after step 2 and resumed with resume=auto repeats the
+uninterrupted run's step 3 exactly (prompts and sampling seeds are functions of the step; weights,
+Adam state, LR schedule and RNG come from the checkpoint).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from megagsm.rewards import register_reward
+from megagsm.testing.multirank import run_ranks
+
+pytestmark = pytest.mark.multirank
+
+PARAM_ATOL = 2e-6
+TOY_REWARD = "test_has_digit"
+
+
+@register_reward(TOY_REWARD)
+def has_digit(solution_str, ground_truth, **kwargs):
+    """A random policy over this tokenizer (digits are single tokens) earns it about half the time."""
+    return 1.0 if any(c.isdigit() for c in solution_str) else 0.0
+
+
+# ---------------------------------------------------------------- fixed rollout batch, any layout
+
+def _spec():
+    from megagsm.testing.parity import TinyGPTSpec
+
+    return TinyGPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                       ffn_hidden_size=64, vocab_size=128, seq_length=32)
+
+
+# name: (loss mode, aggregation, filter zero-std groups, prompts, n, mini-batches, epochs, clip, temperature, vocab limit)
+CASES = {
+    "gspo": ("gspo", "seq-mean-token-mean", True, 8, 4, 2, 2, (3e-4, 4e-4), 1.0, None),
+    "gspo_wide_clip": ("gspo", "seq-mean-token-mean", False, 8, 4, 2, 1, (0.02, 0.03), 0.7, 100),
+    "grpo_token_mean": ("grpo", "token-mean", True, 4, 4, 1, 2, (0.2, 0.28), 1.0, None),
+    "gspo_token_norm": ("gspo_token", "seq-mean-token-sum-norm", False, 4, 4, 2, 1, (0.01, 0.01), 1.0, 100),
+    "on_policy": ("gspo", "seq-mean-token-mean", False, 4, 4, 1, 1, (3e-4, 4e-4), 1.0, None),
+}
+
+
+def _fixed_rollouts(case, dp_rank, dp_size):
+    """The same global batch on every rank; this rank keeps its share (megagsm.rl.rollout placement)."""
+    from megagsm.rl.batching import Rollouts
+    from megagsm.rl.rollout import rank_share
+
+    _, _, _, P, n, M, _, _, _, vocab_limit = case
+    top = vocab_limit or 128
+    g = torch.Generator().manual_seed(11)
+    prompts, responses, rewards = [], [], []
+    for p in range(P):
+        prompts.append(torch.randint(1, top, (int(torch.randint(3, 11, (1,), generator=g)),), generator=g).tolist())
+        responses.append([torch.randint(1, top, (int(torch.randint(1, 13, (1,), generator=g)),),
+                                        generator=g).tolist() for _ in range(n)])
+        r = torch.randint(0, 2, (n,), generator=g).float()
+        r[0], r[1] = 0.0, 1.0
+        if p in (0, 1):  # under DP2 with 2 mini-batches, rank 0's first share is all flat groups
+            r[:] = float(p)
+        rewards.append(r)
+    share = rank_share(P, M, dp_size, dp_rank)
+    return Rollouts(prompts=[prompts[p] for _, p in share for _ in range(n)],
+                    responses=[resp for _, p in share for resp in responses[p]],
+                    rewards=torch.cat([rewards[p] for _, p in share]),
+                    mini_batch=[k for k, _ in share for _ in range(n)], group_size=n)
+
+
+def _update_all(layouts: dict, micro_batch_size: int, init_state):
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megagsm.models.training import build_optimizer, wrap_ddp
+    from megagsm.rl.batching import build_minibatches, compute_advantages
+    from megagsm.rl.trainer import UPDATE_METRICS
+    from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy
+    from megagsm.runtime import init_runtime
+    from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
+    from megagsm.sft.data import length_multiple
+    from megagsm.testing.parity import tiny_gpt_model
+
+    out = {}
+    for lname, parallel in layouts.items():
+        for cname, case in CASES.items():
+            mode, agg, filt, P, n, M, epochs, (lo, hi), temperature, vocab_limit = case
+            info = init_runtime(parallel, seed=5)
+            chunks = tiny_gpt_model(_spec(), parallel)
+            init = None
+            if init_state is None:
+                init = gather_full_state_dict(chunks)
+            else:
+                load_full_state_dict(chunks, init_state[cname])
+            chunks = wrap_ddp(chunks, parallel)
+            optimizer = build_optimizer(chunks, OptimizerConfig(
+                optimizer="adam", lr=1e-3, weight_decay=0.1, clip_grad=1.0, adam_eps=1e-4,
+                use_distributed_optimizer=parallel.use_distributed_optimizer))
+            rollouts = _fixed_rollouts(case, info.dp_rank, info.dp_size)
+            advantages = compute_advantages(rollouts, filter_zero_std_groups=filt)
+            minibatches = build_minibatches(rollouts, advantages, M, micro_batch_size, length_multiple(parallel))
+            spec = LossSpec(mode, lo, hi, agg, 0.0, temperature, vocab_limit, 12.0)
+            sums = MetricSums()
+            for mb in minibatches:  # the sampler's log-probs are unknown here
+                for batch in mb.microbatches:
+                    batch["gen_log_prob"].zero_()
+            compute_log_probs(chunks, minibatches, spec, "old_log_prob", sums)
+            result = update_policy(chunks, optimizer, minibatches, spec, epochs, sums)
+            out[(lname, cname)] = {
+                "init": init, "final": gather_full_state_dict(chunks, dst=0), "losses": result.losses,
+                "grad_norms": result.grad_norms, "updates": result.updates, "skipped": result.skipped,
+                "metrics": sums.reduce(UPDATE_METRICS),
+                "microbatches": [len(mb.microbatches) for mb in minibatches],
+                "local": [mb.local_sequences for mb in minibatches]}
+    return out
+
+
+def _check_log_probs_against_full_softmax(parallel):
+    """token_log_probs / token_entropy on vocab-sharded logits = log_softmax over gathered logits."""
+    from megagsm.rl.logprobs import token_entropy, token_log_probs
+    from megagsm.runtime import init_runtime
+    from megagsm.testing.parity import tiny_gpt_model
+
+    init_runtime(parallel, seed=5)
+    model = tiny_gpt_model(_spec(), parallel)[0]
+    tokens = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(3, 16)
+    with torch.no_grad():
+        sharded = model(tokens, pos, None)
+        full = model(tokens, pos, None, runtime_gather_output=True)
+    labels = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+    worst = 0.0
+    for temperature, limit in ((1.0, None), (0.7, 100)):
+        z = full.float() / temperature
+        if limit is not None:
+            z[..., limit:] = float("-inf")
+        ref = torch.log_softmax(z, -1)
+        lp = token_log_probs(sharded, labels, temperature, limit)
+        ent = token_entropy(sharded, temperature, limit)
+        p = ref.exp()
+        ref_ent = -(p * torch.where(p > 0, ref, torch.zeros_like(ref))).sum(-1)
+        worst = max(worst, (lp - ref.gather(-1, labels[..., None])[..., 0]).abs().max().item(),
+                    (ent - ref_ent).abs().max().item())
+    return worst
+
+
+def _layout_launch(init_state, layouts):
+    out = {"update": _update_all(layouts, 3, init_state)}
+    out["logprob_err_tp2"] = _check_log_probs_against_full_softmax(layouts["tp2"])
+    return out
+
+
+# ---------------------------------------------------------------- run_gspo end to end
+
+def _config(inputs, out_dir, overrides):
+    from megagsm.config import load_config, validate
+
+    cfg = load_config(None, [
+        "algorithm.name=gspo", "model.init=random", f"model.hf_dir={inputs['base']}",
+        "data.source=jsonl", f"data.train_path={inputs['train']}", f"data.eval_path={inputs['test']}",
+        "data.prompt_template=bare", "data.seq_length=64", "data.max_prompt_len=40", "data.max_response_len=8",
+        "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.clip_grad=1.0", "optim.adam_eps=1e-6",
+        "train.micro_batch_size=4", "train.train_steps=3", "train.eval_at_start=false",
+        "train.eval_accuracy=false", "train.export_hf=false", f"train.output_dir={out_dir}", "train.seed=3",
+        "generation.max_new_tokens=8", "generation.max_batch_size=32",
+        "algorithm.gspo.n_rollouts=4", "algorithm.gspo.prompts_per_step=4", "algorithm.gspo.mini_batches=2",
+        "algorithm.gspo.clip_ratio_low=0.2", "algorithm.gspo.clip_ratio_high=0.28",
+        f"algorithm.gspo.reward={TOY_REWARD}", *overrides])
+    validate(cfg, 2)
+    return cfg
+
+
+def _e2e_launch(inputs, root):
+    from megagsm.rl.trainer import run_gspo
+    from megagsm.runtime.sharded import gather_full_state_dict
+    from megagsm.utils.metrics import read_metrics
+
+    out = {}
+    tp2 = run_gspo(_config(inputs, os.path.join(root, "tp2"), [
+        "parallel.tp=2", "parallel.sequence_parallel=true", "train.eval_at_start=true",
+        "train.eval_accuracy=true", "train.eval_max_examples=6", "train.train_steps=2"]))
+    out["tp2"] = {"history": tp2.history, "checkpoint": tp2.checkpoint,
+                  "rows": read_metrics(os.path.join(root, "tp2", "metrics.jsonl")),
+                  "png": os.path.exists(os.path.join(root, "tp2", "gspo_metrics.png"))}
+    dp = ["parallel.use_distributed_optimizer=true", "train.save_interval=1", "algorithm.gspo.kl_coef=0.05"]
+    full = run_gspo(_config(inputs, os.path.join(root, "full"), dp))
+    out["full"] = {"history": full.history, "params": gather_full_state_dict(full.chunks, dst=0)}
+    run_gspo(_config(inputs, os.path.join(root, "resumed"), dp + ["train.train_steps=2"]))
+    resumed = run_gspo(_config(inputs, os.path.join(root, "resumed"), dp + ["train.resume=auto"]))
+    out["resumed"] = {"history": resumed.history, "from": resumed.resumed_from,
+                      "params": gather_full_state_dict(resumed.chunks, dst=0)}
+    return out
+
+
+def _pair_launch(init_state, layouts, inputs, root):
+    out = _layout_launch(init_state, layouts)
+    out["e2e"] = _e2e_launch(inputs, root)
+    return out
+
+
+# ---------------------------------------------------------------- fixtures and tests
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.demo import DemoSpec, prepare_inputs
+
+    single = run_ranks(_update_all, 1, {"tp1": ParallelConfig()}, 16, None)[0]
+    init_state = {c: single[("tp1", c)]["init"] for c in CASES}
+    layouts = {
+        "tp2": ParallelConfig(tp=2, use_distributed_optimizer=False),
+        "tp2_sp": ParallelConfig(tp=2, sequence_parallel=True, use_distributed_optimizer=False),
+        "dp2_distopt": ParallelConfig(use_distributed_optimizer=True),
+        "pp2": ParallelConfig(pp=2, use_distributed_optimizer=False),
+    }
+    root = tmp_path_factory.mktemp("gspo")
+    tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    inputs = prepare_inputs(root / "inputs", tiny)
+
+    pair = run_ranks(_pair_launch, 2, init_state, layouts, inputs, str(root))
+    return single, pair[0], list(layouts)
+
+
+def test_update_is_layout_invariant(launches):
+    single, pair, layouts = launches
+    from megagsm.testing.parity import max_param_diff
+
+    for cname in CASES:
+        ref = single[("tp1", cname)]
+        assert ref["updates"] >= 1 and all(math.isfinite(x) for x in ref["losses"]), cname
+        for lname in layouts:
+            got = pair["update"][(lname, cname)]
+            diff, key = max_param_diff(ref["final"], got["final"])
+            assert diff < PARAM_ATOL, (cname, lname, key, diff)
+            # GSPO losses are sums of +-advantages that nearly cancel: compare on the scale of the terms
+            assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), (cname, lname)
+            assert got["updates"] == ref["updates"] and got["skipped"] == ref["skipped"]
+            for name, value in ref["metrics"].items():
+                assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (cname, lname, name)
+        moved = max(max_param_diff(ref["init"], ref["final"])[0], 0.0)
+        assert moved > 100 * PARAM_ATOL, (cname, moved)  # the update did something the tolerance can see
+
+
+def test_microbatch_split_and_filler_rows(launches):
+    single, pair, _ = launches
+    assert single[("tp1", "gspo")]["microbatches"] == [1, 1]
+    assert single[("tp1", "gspo")]["local"] == [8, 16]  # two flat groups filtered out of mini-batch 0
+    # DP2, 3 rows per microbatch: rank 0's first mini-batch holds only the two flat groups, which the
+    # filter drops; it still runs as many (filler) microbatches as rank 1 needs for its 8 sequences
+    dp2 = pair["update"][("dp2_distopt", "gspo")]
+    assert dp2["local"] == [0, 8] and dp2["microbatches"] == [3, 3]
+
+
+def test_first_update_is_on_policy_and_clipping_is_exercised(launches):
+    single, _, _ = launches
+    on_policy = single[("tp1", "on_policy")]["metrics"]
+    # old log-probs are recomputed on the update's own microbatches: the one update sees ratio 1
+    assert on_policy["seq_ratio_mean"] == 1.0 and on_policy["pg_clipfrac"] == 0.0
+    assert on_policy["approx_kl_k3"] == 0.0
+    clipfrac = single[("tp1", "gspo")]["metrics"]["pg_clipfrac"]
+    assert 0.0 < clipfrac < 1.0  # later mini-batches/epochs move past 3e-4 for some sequences only
+
+
+def test_log_probs_match_a_full_vocab_softmax_under_tp2(launches):
+    _, pair, _ = launches
+    assert pair["logprob_err_tp2"] < 1e-5
+
+
+def test_run_gspo_end_to_end(launches):
+    _, pair, _ = launches
+    tp2 = pair["e2e"]["tp2"]
+    assert tp2["checkpoint"].endswith("iter_0000002") and tp2["png"]
+    rows = [r for r in tp2["rows"] if r["phase"] == "gspo"]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "accuracy" in rows[0] and "accuracy" in rows[-1]
+    for row in rows[1:]:
+        for key in ("reward_mean", "reward_std", "rollout_accuracy", "response_length", "pg_clipfrac",
+                    "approx_kl_k3", "entropy", "time_generate", "time_score", "time_logprob", "time_update",
+                    "tokens_per_s", "gen_tokens_per_s", "zero_std_groups", "loss", "grad_norm"):
+            assert key in row and math.isfinite(row[key]), key
+        assert row["updates"] >= 1  # the toy reward gives mixed groups
+        # the sampler's log-probs and the recomputed ones agree to float rounding
+        assert row["logprob_diff_gen"] < 1e-4
+    full = pair["e2e"]["full"]["history"]
+    assert all(full[s]["kl_loss"] >= 0 for s in (1, 2, 3)) and full[3]["kl_loss"] > 0  # kl_coef > 0 run
+
+
+def test_resume_repeats_the_uninterrupted_run(launches):
+    _, pair, _ = launches
+    full, resumed = pair["e2e"]["full"], pair["e2e"]["resumed"]
+    assert resumed["from"].endswith("iter_0000002")
+    assert sorted(resumed["history"]) == [3]
+    a, b = full["history"][3], resumed["history"][3]
+    for key in ("reward_mean", "loss", "grad_norm", "entropy", "approx_kl_k3", "kl_loss", "response_length"):
+        assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15), key
+    from megagsm.testing.parity import max_param_diff
+
+    assert max_param_diff(full["params"], resumed["params"])[0] == 0.0
+
+
+# ---------------------------------------------------------------- learning signal (slow)
+
+def _learning_launch(inputs, root):
+    from megagsm.rl.trainer import run_gspo
+
+    run = run_gspo(_config(inputs, os.path.join(root, "learn"), [
+        "train.train_steps=20", "train.micro_batch_size=16", "optim.lr=5e-3", "optim.adam_eps=1e-8",
+        "algorithm.gspo.prompts_per_step=8", "algorithm.gspo.n_rollouts=8", "algorithm.gspo.mini_batches=2",
+        "algorithm.gspo.clip_ratio_low=3e-4", "algorithm.gspo.clip_ratio_high=4e-4"]))
+    return {s: row["reward_mean"] for s, row in run.history.items() if "reward_mean" in row}
+
+
+@pytest.mark.slow
+def test_mean_reward_rises_on_an_easy_task(tmp_path):
+    """A random tiny policy mentions a digit in about half of its 8-token completions; GSPO (paper clip
+    range, 2 mini-batches per step) must make that the rule within 20 steps."""
+    from megagsm.demo import DemoSpec, prepare_inputs
+
+    tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    inputs = prepare_inputs(tmp_path / "inputs", tiny)
+    rewards = run_ranks(_learning_launch, 2, inputs, str(tmp_path))[0]
+    first = sum(rewards[s] for s in (1, 2, 3)) / 3
+    last = sum(rewards[s] for s in (18, 19, 20)) / 3
+    assert last > first + 0.25 and last > 0.85, rewards
