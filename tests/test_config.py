@@ -346,3 +346,14 @@ def test_validate_model_layout_skips_unknown_sizes():
 
 def test_divisors():
     assert divisors(12) == [1, 2, 3, 4, 6, 12] and divisors(1) == [1] and divisors(0) == []
+
+
+def test_moe_training_knobs_are_validated_before_launch():
+    from megagsm.config import ConfigError, load_config, validate
+
+    cfg = load_config(None, ["model.init=random", "model.family=qwen2", "model.hidden_size=64",
+                             "model.num_layers=2", "model.num_attention_heads=4",
+                             "model.ffn_hidden_size=128", "model.vocab_size=128",
+                             "model.moe.load_balancing=aux_loss"])
+    with pytest.raises(ConfigError, match=r"model\.moe\.load_balancing='aux_loss' needs aux_loss_coeff"):
+        validate(cfg, 1)

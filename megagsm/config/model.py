@@ -1,8 +1,10 @@
 """Which model to build and how: from a Hugging Face directory, or random weights for tiny runs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from megagsm.config.moe import MoEConfig
 
 # Size fields a random-init model needs when there is no hf_dir to read them from.
 REQUIRED_RANDOM_SIZES = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size")
@@ -34,6 +36,8 @@ class ModelConfig:
     num_experts: int | None = None        # MoE experts; None: dense
     moe_router_topk: int | None = None
     tie_word_embeddings: bool | None = None
+    # training-time knobs of MoE models (load balancing, dispatcher, capacity); ignored for dense ones
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def explicit_sizes(self) -> dict[str, int | bool]:
         """The size fields the user set (non-None), by name."""

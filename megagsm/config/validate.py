@@ -23,6 +23,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     problems += _batch_problems(cfg, world_size)
     problems += _data_problems(cfg)
     problems += _range_problems(cfg)
+    try:
+        cfg.model.moe.validate()
+    except ValueError as e:  # its messages name the model.moe.* field
+        problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
     if cfg.parallel.sequence_parallel and not cfg.parallel.sequence_parallel_active:

@@ -159,7 +159,13 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, device: torch.devi
     if provider is None:
         return _build_builtin(model, parallel, device, dtype)
     hf_config = hf_config_for(model).to_dict() if model.init == "random" else provider.load_hf_config(model.hf_dir)
-    chunks = provider.build_model_from_hf_config(hf_config, parallel, dtype, **_recompute_fields(model.recompute))
+    overrides = _recompute_fields(model.recompute)
+    if provider.provider_for(hf_config).family.is_moe:
+        try:
+            overrides.update(model.moe.overrides())
+        except ValueError as e:  # MoEConfig names its fields (model.moe.*)
+            raise ConfigError(str(e)) from None
+    chunks = provider.build_model_from_hf_config(hf_config, parallel, dtype, **overrides)
     if model.init == "hf":
         converted = _converted_hf_weights(model.hf_dir, parallel, work_dir)
         provider.load_mcore_checkpoint(chunks, converted)
