@@ -357,3 +357,16 @@ def test_moe_training_knobs_are_validated_before_launch():
                              "model.moe.load_balancing=aux_loss"])
     with pytest.raises(ConfigError, match=r"model\.moe\.load_balancing='aux_loss' needs aux_loss_coeff"):
         validate(cfg, 1)
+
+
+def test_synthetic_difficulty_range_matches_the_generator():
+    from megagsm.config import ConfigError, load_config, validate
+    from megagsm.config.validate import SYNTHETIC_LEVELS
+    from megagsm.data.synthetic import LEVELS
+
+    assert SYNTHETIC_LEVELS == len(LEVELS)
+    base = ["model.init=random", "model.family=qwen2", "model.hidden_size=64", "model.num_layers=2",
+            "model.num_attention_heads=4", "model.ffn_hidden_size=128", "model.vocab_size=128"]
+    validate(load_config(None, base + ["data.difficulty=0"]), 1)
+    with pytest.raises(ConfigError, match=r"data\.difficulty.*0 to 4"):
+        validate(load_config(None, base + [f"data.difficulty={len(LEVELS)}"]), 1)

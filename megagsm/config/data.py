@@ -24,5 +24,5 @@ class DataConfig:
     # synthetic source
     n_train: int = 1000
     n_test: int = 100
-    difficulty: int = 1                # 1 = easiest
+    difficulty: int = 0                # synthetic level, 0 (easiest: one addition) to 4
     seed: int = 0

@@ -13,6 +13,11 @@ from .schema import RunConfig
 log = logging.getLogger(__name__)
 
 
+# levels of megagsm.data.synthetic (config sits below data in the layering, so the count is
+# repeated here; tests/test_config.py checks that the two agree)
+SYNTHETIC_LEVELS = 5
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Raise ConfigError listing every problem (one line, '; '-separated), each naming its field."""
     problems = parallel_problems(cfg.parallel, world_size)
@@ -148,7 +153,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         ("data.seq_length", d.seq_length, d.seq_length >= 1, ">= 1"),
         ("data.n_train", d.n_train, d.n_train >= 1, ">= 1"),
         ("data.n_test", d.n_test, d.n_test >= 0, ">= 0"),
-        ("data.difficulty", d.difficulty, d.difficulty >= 1, ">= 1"),
+        ("data.difficulty", d.difficulty, 0 <= d.difficulty < SYNTHETIC_LEVELS,
+         f"0 to {SYNTHETIC_LEVELS - 1} (0: easiest)"),
         ("generation.max_new_tokens", gen.max_new_tokens, gen.max_new_tokens >= 1, ">= 1"),
         ("generation.temperature", gen.temperature, gen.temperature >= 0, ">= 0 (0: greedy)"),
         ("generation.top_k", gen.top_k, gen.top_k >= 0, ">= 0 (0: off)"),
