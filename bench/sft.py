@@ -4,8 +4,9 @@ Qwen2ForCausalLM + torch.optim.AdamW loop, same shape, batch and optimizer setti
     python bench/sft.py [--repeats 7] [--batch 8] [--seq 256] [--no-memory]
 
 Prints ONE JSON line. Timing: after a warm-up step each, every round times a large fp32 matmul, one
-megagsm step and one transformers step back to back (interleaved, so load from other processes hits
-both alike); each figure is the median over the rounds.
+megagsm step and one transformers step back to back (interleaved, order alternating per round, so
+load from other processes hits both alike); each figure is the median over the rounds. The process
+CPU time per step is reported too (`cpu_ratio`), a cross-check on a machine shared with others.
 
 Model FLOPs per trained token (forward + backward), documented so the fractions can be checked:
     6 * N  +  6 * L * s * d_attn
@@ -127,13 +128,18 @@ def throughput(args) -> dict:
 
     first = {"megagsm": megagsm_step(), "transformers": transformers_step()}  # warm-up
     times = {"megagsm": [], "transformers": [], "matmul_flops": []}
-    for _ in range(args.repeats):
+    cpu = {"megagsm": [], "transformers": []}
+    steps = [("megagsm", megagsm_step), ("transformers", transformers_step)]
+    for round_ in range(args.repeats):
         times["matmul_flops"].append(matmul_flops())
-        for name, step in (("megagsm", megagsm_step), ("transformers", transformers_step)):
-            t = time.perf_counter()
+        # alternate who goes first, so a load change within a round does not favour one side
+        for name, step in steps if round_ % 2 == 0 else steps[::-1]:
+            c, t = time.process_time(), time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     tok = batch * seq
     mg_params = sum(p.numel() for p in chunks[0].module.parameters())
     hf_params = sum(p.numel() for p in hf_model.parameters())
@@ -153,6 +159,10 @@ def throughput(args) -> dict:
         "params": {"megagsm": mg_params, "transformers": hf_params},
         "batch": [batch, seq], "repeats": args.repeats, "threads": torch.get_num_threads(),
         "first_loss": {k: round(v, 4) for k, v in first.items()},
+        # process CPU seconds per step (all threads): less sensitive to other processes than wall
+        # time on a shared machine, a cross-check of the wall-clock ratio
+        "cpu_s_per_step": {k: round(v, 3) for k, v in cpu_med.items()},
+        "cpu_ratio": round(cpu_med["transformers"] / cpu_med["megagsm"], 3),
         "step_s_all": {k: [round(x, 3) for x in v] for k, v in times.items() if k != "matmul_flops"},
     }
 
