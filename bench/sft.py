@@ -16,6 +16,11 @@ the attention term is the score and value matmuls (4 * s * d_attn per token per 
 with backward) halved for the causal mask. Fraction of peak = model FLOP/s / measured matmul FLOP/s
 (2 * n^3 / t for an n x n fp32 matmul, median over rounds, best of 3 calls within a round).
 
+Both loops run in one process, so megagsm's CPU runtime settings made at `init_runtime` (glibc malloc
+tuning, megagsm.runtime.cpu_malloc) apply to the transformers loop as well; megagsm's optimizer is
+megatron's, with torch's fused AdamW kernel on CPU (megagsm.models.training.build_optimizer), the
+transformers loop uses torch.optim.AdamW with its defaults, as a plain loop would.
+
 Unless --no-memory, also measures the loss kernel's peak memory (output projection + cross-entropy,
 forward + backward, 8192 tokens x 32768 vocab, hidden 512, fp32) for the plain path (matmul + megatron's
 `vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens), each in a fresh
@@ -101,6 +106,17 @@ def matmul_flops(n: int = 2048) -> float:
     return 2.0 * n ** 3 / best
 
 
+def cpu_malloc_settings():
+    from megagsm.runtime import cpu_malloc
+
+    return cpu_malloc._applied
+
+
+def fused_adamw(optimizer) -> bool:
+    groups = [g for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in o.optimizer.param_groups]
+    return all(bool(g.get("fused")) for g in groups)
+
+
 def throughput(args) -> dict:
     from megagsm.models.training import train_step
 
@@ -159,6 +175,7 @@ def throughput(args) -> dict:
         "params": {"megagsm": mg_params, "transformers": hf_params},
         "batch": [batch, seq], "repeats": args.repeats, "threads": torch.get_num_threads(),
         "first_loss": {k: round(v, 4) for k, v in first.items()},
+        "cpu_settings": {"malloc_tuning": cpu_malloc_settings(), "megagsm_fused_adamw": fused_adamw(mg_opt)},
         # process CPU seconds per step (all threads): less sensitive to other processes than wall
         # time on a shared machine, a cross-check of the wall-clock ratio
         "cpu_s_per_step": {k: round(v, 3) for k, v in cpu_med.items()},
