@@ -23,8 +23,10 @@ transformers loop uses torch.optim.AdamW with its defaults, as a plain loop woul
 
 Unless --no-memory, also measures the loss kernel's peak memory (output projection + cross-entropy,
 forward + backward, 8192 tokens x 32768 vocab, hidden 512, fp32) for the plain path (matmul + megatron's
-`vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens), each in a fresh
-process, as the growth of the process's peak RSS (VmHWM, reset just before) over its RSS before the step.
+`vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens; gradients formed in
+the forward pass given the loss mask, and the recompute variant without it), each in a fresh
+process, as the growth of the process's peak RSS (VmHWM, reset just before) over its RSS before the
+step.
 """
 from __future__ import annotations
 
@@ -212,14 +214,18 @@ def memory_child(variant: str) -> dict:
     hidden = torch.randn(n, 1, h, generator=gen).requires_grad_()
     weight = (torch.randn(v, h, generator=gen) * 0.02).requires_grad_()
     labels = torch.randint(0, v, (1, n), generator=gen)
+    mask = torch.ones(1, n)
 
     def step():
         if variant == "plain":
             logits = torch.matmul(hidden, weight.t())  # megatron's output layer at TP=1
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
-        else:
+        elif variant == "chunked":  # gradients formed in the forward pass (loss mask given)
+            loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"],
+                                                        loss_mask=mask)
+        else:  # chunked, logits recomputed in the backward pass
             loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"])
-        loss.sum().backward()
+        (loss * mask).sum().backward()
         value = loss.detach().sum().item()
         hidden.grad = weight.grad = None
         return value
@@ -238,7 +244,7 @@ def memory(args) -> dict:
     out = {"shape": dict(MEM_SHAPE), "full_logits_fp32_mib": MEM_SHAPE["tokens"] * MEM_SHAPE["vocab"] * 4 / 2**20}
     # a fresh rendezvous per child: this process's torch.distributed port is still bound
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    for variant in ("plain", "chunked"):
+    for variant in ("plain", "chunked", "chunked_recompute"):
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", variant], capture_output=True, text=True,
             env=dict(env, PYTHONWARNINGS="ignore"), check=False)
@@ -254,7 +260,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--memory-child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=["plain", "chunked", "chunked_recompute"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)))
