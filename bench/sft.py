@@ -4,8 +4,9 @@ Qwen2ForCausalLM + torch.optim.AdamW loop, same shape, batch and optimizer setti
     python bench/sft.py [--repeats 7] [--batch 8] [--seq 256] [--no-memory]
 
 Prints ONE JSON line. Timing: after a warm-up step each, every round times a large fp32 matmul, one
-megagsm step and one transformers step back to back (interleaved, so load from other processes hits
-both alike); each figure is the median over the rounds.
+megagsm step and one transformers step back to back (interleaved, order alternating per round, so
+load from other processes hits both alike); each figure is the median over the rounds. The process
+CPU time per step is reported too (`cpu_ratio`), a cross-check on a machine shared with others.
 
 Model FLOPs per trained token (forward + backward), documented so the fractions can be checked:
     6 * N  +  6 * L * s * d_attn
@@ -15,10 +16,17 @@ the attention term is the score and value matmuls (4 * s * d_attn per token per 
 with backward) halved for the causal mask. Fraction of peak = model FLOP/s / measured matmul FLOP/s
 (2 * n^3 / t for an n x n fp32 matmul, median over rounds, best of 3 calls within a round).
 
+Both loops run in one process, so megagsm's CPU runtime settings made at `init_runtime` (glibc malloc
+tuning, megagsm.runtime.cpu_malloc) apply to the transformers loop as well; megagsm's optimizer is
+megatron's, with torch's fused AdamW kernel on CPU (megagsm.models.training.build_optimizer), the
+transformers loop uses torch.optim.AdamW with its defaults, as a plain loop would.
+
 Unless --no-memory, also measures the loss kernel's peak memory (output projection + cross-entropy,
 forward + backward, 8192 tokens x 32768 vocab, hidden 512, fp32) for the plain path (matmul + megatron's
-`vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens), each in a fresh
-process, as the growth of the process's peak RSS (VmHWM, reset just before) over its RSS before the step.
+`vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens; gradients formed in
+the forward pass given the loss mask, and the recompute variant without it), each in a fresh
+process, as the growth of the process's peak RSS (VmHWM, reset just before) over its RSS before the
+step.
 """
 from __future__ import annotations
 
@@ -100,6 +108,17 @@ def matmul_flops(n: int = 2048) -> float:
     return 2.0 * n ** 3 / best
 
 
+def cpu_malloc_settings():
+    from megagsm.runtime import cpu_malloc
+
+    return cpu_malloc._applied
+
+
+def fused_adamw(optimizer) -> bool:
+    groups = [g for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in o.optimizer.param_groups]
+    return all(bool(g.get("fused")) for g in groups)
+
+
 def throughput(args) -> dict:
     from megagsm.models.training import train_step
 
@@ -127,13 +146,18 @@ def throughput(args) -> dict:
 
     first = {"megagsm": megagsm_step(), "transformers": transformers_step()}  # warm-up
     times = {"megagsm": [], "transformers": [], "matmul_flops": []}
-    for _ in range(args.repeats):
+    cpu = {"megagsm": [], "transformers": []}
+    steps = [("megagsm", megagsm_step), ("transformers", transformers_step)]
+    for round_ in range(args.repeats):
         times["matmul_flops"].append(matmul_flops())
-        for name, step in (("megagsm", megagsm_step), ("transformers", transformers_step)):
-            t = time.perf_counter()
+        # alternate who goes first, so a load change within a round does not favour one side
+        for name, step in steps if round_ % 2 == 0 else steps[::-1]:
+            c, t = time.process_time(), time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     tok = batch * seq
     mg_params = sum(p.numel() for p in chunks[0].module.parameters())
     hf_params = sum(p.numel() for p in hf_model.parameters())
@@ -153,6 +177,11 @@ def throughput(args) -> dict:
         "params": {"megagsm": mg_params, "transformers": hf_params},
         "batch": [batch, seq], "repeats": args.repeats, "threads": torch.get_num_threads(),
         "first_loss": {k: round(v, 4) for k, v in first.items()},
+        "cpu_settings": {"malloc_tuning": cpu_malloc_settings(), "megagsm_fused_adamw": fused_adamw(mg_opt)},
+        # process CPU seconds per step (all threads): less sensitive to other processes than wall
+        # time on a shared machine, a cross-check of the wall-clock ratio
+        "cpu_s_per_step": {k: round(v, 3) for k, v in cpu_med.items()},
+        "cpu_ratio": round(cpu_med["transformers"] / cpu_med["megagsm"], 3),
         "step_s_all": {k: [round(x, 3) for x in v] for k, v in times.items() if k != "matmul_flops"},
     }
 
@@ -185,14 +214,18 @@ def memory_child(variant: str) -> dict:
     hidden = torch.randn(n, 1, h, generator=gen).requires_grad_()
     weight = (torch.randn(v, h, generator=gen) * 0.02).requires_grad_()
     labels = torch.randint(0, v, (1, n), generator=gen)
+    mask = torch.ones(1, n)
 
     def step():
         if variant == "plain":
             logits = torch.matmul(hidden, weight.t())  # megatron's output layer at TP=1
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
-        else:
+        elif variant == "chunked":  # gradients formed in the forward pass (loss mask given)
+            loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"],
+                                                        loss_mask=mask)
+        else:  # chunked, logits recomputed in the backward pass
             loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"])
-        loss.sum().backward()
+        (loss * mask).sum().backward()
         value = loss.detach().sum().item()
         hidden.grad = weight.grad = None
         return value
@@ -211,7 +244,7 @@ def memory(args) -> dict:
     out = {"shape": dict(MEM_SHAPE), "full_logits_fp32_mib": MEM_SHAPE["tokens"] * MEM_SHAPE["vocab"] * 4 / 2**20}
     # a fresh rendezvous per child: this process's torch.distributed port is still bound
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    for variant in ("plain", "chunked"):
+    for variant in ("plain", "chunked", "chunked_recompute"):
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", variant], capture_output=True, text=True,
             env=dict(env, PYTHONWARNINGS="ignore"), check=False)
@@ -227,7 +260,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--memory-child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=["plain", "chunked", "chunked_recompute"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megagsm.config.parallel import ParallelConfig
-from megagsm.runtime import cpu_compat
+from megagsm.runtime import cpu_compat, cpu_malloc
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,8 @@ def init_runtime(
     device = pick_device(local_rank)
     if device.type == "cpu":
         cpu_compat.install()
+        # reuse freed activation memory instead of re-faulting it in every step (see cpu_malloc)
+        cpu_malloc.tune_glibc_malloc()
         # several ranks share a few cores: oversubscribed threads cost more than they give
         if "OMP_NUM_THREADS" not in os.environ and world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
