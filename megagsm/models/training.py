@@ -134,6 +134,23 @@ def _global_loss(reports: list[dict], key: str = "lm_loss") -> tuple[float, int]
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 
+def run_schedule(model_chunks, microbatches: Iterable[dict], num_microbatches: int, seq_length: int,
+                 micro_batch_size: int, forward_step_func: Callable, forward_only: bool) -> list[dict]:
+    """megatron's schedule for this layout over the given microbatches (every virtual stage reads the
+    same list); returns the loss reports of the last pipeline stage."""
+    microbatches = list(microbatches)
+    iterators = [iter(microbatches) for _ in model_chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def train_step(
     model_chunks: list,
     optimizer,
@@ -146,17 +163,8 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    microbatches = list(microbatches)
-    iterators = [iter(microbatches) for _ in model_chunks]
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    reports = run_schedule(model_chunks, microbatches, num_microbatches, seq_length,
+                           micro_batch_size, forward_step_func, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     loss, num_tokens = _global_loss(reports)
     return StepResult(loss, num_tokens, None if grad_norm is None else float(grad_norm),
@@ -167,15 +175,6 @@ def train_step(
 def eval_step(model_chunks, microbatches, num_microbatches, seq_length, micro_batch_size,
               forward_step_func: Callable = lm_forward_step) -> tuple[float, int]:
     """Forward-only loss over the given microbatches: (token-mean loss, token count)."""
-    microbatches = list(microbatches)
-    iterators = [iter(microbatches) for _ in model_chunks]
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
-    )
+    reports = run_schedule(model_chunks, microbatches, num_microbatches, seq_length,
+                           micro_batch_size, forward_step_func, forward_only=True)
     return _global_loss(reports)

@@ -25,9 +25,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megagsm.models.training import train_step
+from megagsm.models.training import run_schedule, train_step
 from megagsm.rl.batching import MiniBatch, comm_device
 from megagsm.rl.logprobs import token_entropy, token_log_probs
 from megagsm.rl.losses import policy_loss
@@ -107,12 +106,9 @@ def compute_log_probs(model_chunks: list, minibatches: list[MiniBatch], spec: Lo
     for mb in minibatches:
         if not mb.microbatches:
             continue
-        iterators = [iter(mb.microbatches) for _ in model_chunks]
-        get_forward_backward_func()(
-            forward_step_func=partial(logprob_forward_step, spec=spec, key=key, sums=sums),
-            data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-            model=model_chunks, num_microbatches=len(mb.microbatches), seq_length=mb.seq_length,
-            micro_batch_size=mb.microbatches[0]["tokens"].shape[0], forward_only=True)
+        run_schedule(model_chunks, mb.microbatches, len(mb.microbatches), mb.seq_length,
+                     mb.microbatches[0]["tokens"].shape[0],
+                     partial(logprob_forward_step, spec=spec, key=key, sums=sums), forward_only=True)
 
 
 def microbatch_loss(log_prob: torch.Tensor, batch: dict, spec: LossSpec, sums: MetricSums | None = None):
