@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megagsm.models.training import run_schedule
 
 
 @torch.no_grad()
@@ -26,17 +27,8 @@ def forward_logits(model_chunks, tokens: torch.Tensor, vocab_size: int | None = 
         out = model(ids, positions, None, runtime_gather_output=True)
         return out, lambda output, non_loss_data=False: output
 
-    iterators = [iter([tokens]) for _ in chunks]
-    collected = get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iterators if len(chunks) > 1 else iterators[0],
-        model=list(chunks),
-        num_microbatches=1,
-        seq_length=seq,
-        micro_batch_size=batch,
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
+    collected = run_schedule(list(chunks), [tokens], 1, seq, batch, step, forward_only=True,
+                             collect_non_loss_data=True)
     padded = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         logits = collected[0].float()

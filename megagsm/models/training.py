@@ -134,10 +134,12 @@ def _global_loss(reports: list[dict], key: str = "lm_loss") -> tuple[float, int]
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 
-def run_schedule(model_chunks, microbatches: Iterable[dict], num_microbatches: int, seq_length: int,
-                 micro_batch_size: int, forward_step_func: Callable, forward_only: bool) -> list[dict]:
+def run_schedule(model_chunks, microbatches: Iterable, num_microbatches: int, seq_length: int,
+                 micro_batch_size: int, forward_step_func: Callable, forward_only: bool,
+                 collect_non_loss_data: bool = False) -> list:
     """megatron's schedule for this layout over the given microbatches (every virtual stage reads the
-    same list); returns the loss reports of the last pipeline stage."""
+    same list); returns what the last pipeline stage collected (loss reports, or the forward
+    outputs with collect_non_loss_data)."""
     microbatches = list(microbatches)
     iterators = [iter(microbatches) for _ in model_chunks]
     return get_forward_backward_func()(
@@ -148,6 +150,7 @@ def run_schedule(model_chunks, microbatches: Iterable[dict], num_microbatches: i
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
     )
 
 
