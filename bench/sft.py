@@ -3,9 +3,17 @@ Qwen2ForCausalLM + torch.optim.AdamW loop, same shape, batch and optimizer setti
 
     python bench/sft.py [--repeats 7] [--batch 8] [--seq 256] [--no-memory]
 
-Prints ONE JSON line. Timing: after a warm-up step each, every round times a large fp32 matmul, one
-megagsm step and one transformers step back to back (interleaved, order alternating per round, so
-load from other processes hits both alike); each figure is the median over the rounds. The process
+Prints ONE JSON line. Two batches of [batch, seq] tokens, each trained by both loops:
+* `gsm8k_sft` (the headline figures): an SFT batch as megagsm's trainer builds it: synthetic
+  GSM8K-format problems (level 4: multi-step word problems, worked prose solutions; ~84 prompt and
+  ~108 response tokens each), the default prompt template, a BPE tokenizer trained on them, right
+  padding; loss on response tokens only (`loss_token_fraction`). transformers gets the same tokens with
+  labels -100 outside the loss, as a plain HF SFT loop does. megagsm runs its default `train.loss`
+  (chunked), which skips the output projection for tokens outside the loss.
+* `all_tokens`: random tokens, every position in the loss: the same FLOPs on both sides.
+Timing: after a warm-up step each, every round times a large fp32 matmul and the four steps back to
+back (order reversed every other round, so load from other processes hits all alike); each figure is
+the median over the rounds. tokens/s counts all batch x seq positions for both workloads. The process
 CPU time per step is reported too (`cpu_ratio`), a cross-check on a machine shared with others.
 
 Model FLOPs per trained token (forward + backward), documented so the fractions can be checked:
@@ -119,70 +127,134 @@ def fused_adamw(optimizer) -> bool:
     return all(bool(g.get("fused")) for g in groups)
 
 
+def gsm8k_sft_batch(batch: int, seq: int) -> dict:
+    """An SFT batch as the trainer builds it: synthetic GSM8K-format problems at the hardest level
+    (multi-step word problems with worked prose solutions), the default prompt template, a BPE
+    tokenizer trained on them, megagsm's SFT samples right-padded to `seq` (loss on response tokens
+    only). Ids stay below the tokenizer's size, a subset of the model's vocabulary."""
+    import tempfile
+
+    from megagsm.data.gsm8k import GSM8KExample
+    from megagsm.data.sft_dataset import build_sft_sample, collate_sft
+    from megagsm.data.synthetic import generate_splits
+    from megagsm.data.tokenizer import tokenizer_training_texts, train_tokenizer
+    from megagsm.sft.data import to_model_batch
+
+    problems, _ = generate_splits(max(256, batch), 0, level=4, seed=0)
+    examples = [GSM8KExample(question=p.question, answer=p.answer, final_answer=str(p.final)) for p in problems]
+    with tempfile.TemporaryDirectory(prefix="bench-sft-tok-") as tmp:
+        tokenizer = train_tokenizer(tokenizer_training_texts(examples), SHAPE["vocab"], os.path.join(tmp, "tok"))
+    samples = [build_sft_sample(e.question, e.answer, tokenizer, seq) for e in examples[:batch]]
+    return to_model_batch(collate_sft(samples, tokenizer.pad_token_id, seq_length=seq))
+
+
+def all_tokens_batch(batch: int, seq: int) -> dict:
+    """Random tokens, every position in the loss: the same work for both loops, token for token."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, SHAPE["vocab"], (batch, seq + 1), generator=gen)
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(batch, seq), "position_ids": torch.arange(seq).expand(batch, -1).contiguous(),
+            "attention_mask": None}
+
+
+def hf_labels(mg_batch: dict) -> torch.Tensor:
+    """transformers shifts labels itself: position t+1 carries the target of megagsm's position t."""
+    labels = torch.full_like(mg_batch["tokens"], -100)
+    keep = mg_batch["loss_mask"][:, :-1] > 0
+    labels[:, 1:] = torch.where(keep, mg_batch["labels"][:, :-1], labels[:, 1:])
+    return labels
+
+
+def megagsm_forward_step():
+    """What `torchrun launch/train.py` runs for SFT with the default `train.loss`."""
+    from megagsm.config.train import TrainConfig
+    from megagsm.models.training import lm_forward_step
+    from megagsm.sft.fused_ce import chunked_lm_forward_step
+
+    train = TrainConfig()
+    return lm_forward_step if train.loss == "plain" else chunked_lm_forward_step(train.loss_chunk_size)
+
+
 def throughput(args) -> dict:
+    from megagsm.config.train import TrainConfig
     from megagsm.models.training import train_step
 
     batch, seq = args.batch, args.seq
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, SHAPE["vocab"], (batch, seq + 1), generator=gen)
-    mg_batch = {
-        "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(batch, seq), "position_ids": torch.arange(seq).expand(batch, -1).contiguous(),
-    }
     chunks, mg_opt = build_megagsm(seq)
     hf_model, hf_opt = build_transformers(seq)
+    forward_step = megagsm_forward_step()
+    workloads = {"gsm8k_sft": gsm8k_sft_batch(batch, seq), "all_tokens": all_tokens_batch(batch, seq)}
 
-    def megagsm_step():
-        return train_step(chunks, mg_opt, [mg_batch], 1, seq, batch).loss
+    def megagsm_step(mg_batch):
+        return train_step(chunks, mg_opt, [mg_batch], 1, seq, batch, forward_step_func=forward_step).loss
 
-    def transformers_step():
+    def transformers_step(mg_batch, labels):
         hf_opt.zero_grad(set_to_none=True)
-        # transformers shifts labels itself: labels = inputs gives the same next-token targets
-        loss = hf_model(input_ids=mg_batch["tokens"], labels=tokens[:, :-1]).loss
+        loss = hf_model(input_ids=mg_batch["tokens"], labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf_model.parameters(), OPTIM["clip"])
         hf_opt.step()
         return loss.item()
 
-    first = {"megagsm": megagsm_step(), "transformers": transformers_step()}  # warm-up
-    times = {"megagsm": [], "transformers": [], "matmul_flops": []}
-    cpu = {"megagsm": [], "transformers": []}
-    steps = [("megagsm", megagsm_step), ("transformers", transformers_step)]
+    steps, first = [], {}
+    for name, mg_batch in workloads.items():
+        labels = hf_labels(mg_batch)
+        steps.append((f"megagsm/{name}", lambda b=mg_batch: megagsm_step(b)))
+        steps.append((f"transformers/{name}", lambda b=mg_batch, lab=labels: transformers_step(b, lab)))
+    for key, step in steps:  # warm-up
+        first[key] = step()
+    times = {key: [] for key, _ in steps}
+    cpu = {key: [] for key, _ in steps}
+    peaks = []
     for round_ in range(args.repeats):
-        times["matmul_flops"].append(matmul_flops())
-        # alternate who goes first, so a load change within a round does not favour one side
-        for name, step in steps if round_ % 2 == 0 else steps[::-1]:
+        peaks.append(matmul_flops())
+        # alternate the order, so a load change within a round does not favour one side
+        for key, step in steps if round_ % 2 == 0 else steps[::-1]:
             c, t = time.process_time(), time.perf_counter()
             step()
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
+            times[key].append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    peak = statistics.median(peaks)
     tok = batch * seq
     mg_params = sum(p.numel() for p in chunks[0].module.parameters())
     hf_params = sum(p.numel() for p in hf_model.parameters())
     embedding = SHAPE["vocab"] * SHAPE["hidden"]
     norms = SHAPE["hidden"] * (2 * SHAPE["layers"] + 1)
     flops_tok = model_flops_per_token(mg_params - embedding - norms, seq)
-    mg_tps, hf_tps = tok / med["megagsm"], tok / med["transformers"]
-    peak = med["matmul_flops"]
+
+    def figures(name):
+        mg, hf = f"megagsm/{name}", f"transformers/{name}"
+        mg_tps, hf_tps = tok / med[mg], tok / med[hf]
+        return {
+            "megagsm_tokens_per_s": round(mg_tps, 1),
+            "transformers_tokens_per_s": round(hf_tps, 1),
+            "ratio": round(mg_tps / hf_tps, 3),
+            "megagsm_frac_of_matmul_peak": round(mg_tps * flops_tok / peak, 3),
+            "transformers_frac_of_matmul_peak": round(hf_tps * flops_tok / peak, 3),
+            "loss_token_fraction": round(float(workloads[name]["loss_mask"].mean()), 3),
+            "first_loss": {"megagsm": round(first[mg], 4), "transformers": round(first[hf], 4)},
+            # process CPU seconds per step (all threads): less sensitive to other processes than wall
+            # time on a shared machine, a cross-check of the wall-clock ratio
+            "cpu_s_per_step": {"megagsm": round(cpu_med[mg], 3), "transformers": round(cpu_med[hf], 3)},
+            "cpu_ratio": round(cpu_med[hf] / cpu_med[mg], 3),
+            "step_s_all": {"megagsm": [round(x, 3) for x in times[mg]],
+                           "transformers": [round(x, 3) for x in times[hf]]},
+        }
+
     return {
-        "megagsm_tokens_per_s": round(mg_tps, 1),
-        "transformers_tokens_per_s": round(hf_tps, 1),
-        "ratio": round(mg_tps / hf_tps, 3),
-        "megagsm_frac_of_matmul_peak": round(mg_tps * flops_tok / peak, 3),
-        "transformers_frac_of_matmul_peak": round(hf_tps * flops_tok / peak, 3),
+        # headline: a GSM8K SFT batch (loss on response tokens only), as the trainer feeds it
+        "workload": "gsm8k_sft",
+        **figures("gsm8k_sft"),
+        # the same loop with every token in the loss: identical work on both sides
+        "all_tokens": figures("all_tokens"),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "model_flops_per_token": flops_tok,
         "params": {"megagsm": mg_params, "transformers": hf_params},
         "batch": [batch, seq], "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "first_loss": {k: round(v, 4) for k, v in first.items()},
+        "megagsm_train_loss": TrainConfig().loss,
         "cpu_settings": {"malloc_tuning": cpu_malloc_settings(), "megagsm_fused_adamw": fused_adamw(mg_opt)},
-        # process CPU seconds per step (all threads): less sensitive to other processes than wall
-        # time on a shared machine, a cross-check of the wall-clock ratio
-        "cpu_s_per_step": {k: round(v, 3) for k, v in cpu_med.items()},
-        "cpu_ratio": round(cpu_med["transformers"] / cpu_med["megagsm"], 3),
-        "step_s_all": {k: [round(x, 3) for x in v] for k, v in times.items() if k != "matmul_flops"},
     }
 
 

@@ -52,6 +52,35 @@ def test_matches_plain_cross_entropy_single_process(s, b, vocab, chunk):
         _close(gw, rw)
 
 
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_loss_tokens_only_skips_masked_tokens_exactly(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    s, b, h, vocab = 10, 3, 16, 37
+    hidden = torch.randn(s, b, h, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, h, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (b, s), generator=g)
+    mask = torch.ones(b, s)
+    mask[:, :4] = 0.0      # prompt tokens
+    mask[1, :] = 0.0       # a sequence with no loss tokens at all
+    logits = torch.einsum("sbh,vh->bsv", hidden, weight)
+    ref = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(b, s)
+    for upstream in (mask, mask * 0.5):
+        loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk, loss_mask=mask,
+                                                    loss_tokens_only=True)
+        _close(loss, ref.detach() * mask)  # skipped tokens: loss 0, the others as the full loss
+        gh, gw = torch.autograd.grad((loss * upstream).sum(), (hidden, weight))
+        rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight), retain_graph=True)
+        _close(gh, rh)
+        _close(gw, rw)
+    # a gradient for a token whose loss was never computed must not be dropped silently
+    loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk, loss_mask=mask,
+                                                loss_tokens_only=True)
+    with pytest.raises(RuntimeError, match="loss_mask 0 received a loss gradient"):
+        loss.sum().backward()
+    with pytest.raises(ValueError, match="needs the loss_mask"):
+        chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk, loss_tokens_only=True)
+
+
 def test_frozen_weight_gets_no_gradient():
     hidden = torch.randn(6, 2, 8, requires_grad=True)
     weight = torch.randn(20, 8)  # e.g. the frozen output layer under LoRA
@@ -125,7 +154,7 @@ def _function_case(chunk, sequence_parallel):
     mask = (torch.rand(b, s, generator=g) > 0.3).float()
     shard = vocab // tp
     results = {}
-    for name in ("chunked", "megatron", "chunked_mask", "megatron_mask"):
+    for name in ("chunked", "megatron", "chunked_mask", "megatron_mask", "chunked_skip_mask"):
         local_hidden = full_hidden.clone()
         if sp:
             local_hidden = scatter_to_sequence_parallel_region(local_hidden)
@@ -134,7 +163,7 @@ def _function_case(chunk, sequence_parallel):
         if name.startswith("chunked"):
             loss = chunked_vocab_parallel_cross_entropy(
                 local_hidden, weight, labels, chunk, sequence_parallel=sp,
-                loss_mask=mask if name.endswith("mask") else None)
+                loss_mask=mask if name.endswith("mask") else None, loss_tokens_only="skip" in name)
         else:
             x = (gather_from_sequence_parallel_region(local_hidden, True) if sp
                  else copy_to_tensor_model_parallel_region(local_hidden))
@@ -142,6 +171,7 @@ def _function_case(chunk, sequence_parallel):
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
         (loss * (mask if name.endswith("mask") else grad_out)).sum().backward()
         results[name] = (loss.detach(), local_hidden.grad, weight.grad)
+    results["loss_mask"] = mask
     return results
 
 
@@ -192,6 +222,14 @@ def test_function_matches_megatron_vocab_parallel_cross_entropy(results):
                 for mode in ("", "_mask"):
                     for got, ref in zip(case["chunked" + mode], case["megatron" + mode]):
                         _close(got, ref)
+                # the output projection only on loss tokens: their losses and every gradient agree
+                skip_loss, skip_gh, skip_gw = case["chunked_skip_mask"]
+                ref_loss, ref_gh, ref_gw = case["megatron_mask"]
+                mask = case["loss_mask"]
+                assert 0 < int(mask.sum()) < mask.numel()
+                _close(skip_loss, ref_loss * mask)  # loss tokens as megatron's, the others 0
+                _close(skip_gh, ref_gh)
+                _close(skip_gw, ref_gw)
     # and the TP=2 losses equal the TP=1 ones
     for layout in ("tp2", "tp2_sp"):
         _close(results[0][layout]["function"][5]["chunked"][0], results[0]["tp1"]["function"][5]["chunked"][0])

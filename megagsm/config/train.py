@@ -34,7 +34,9 @@ class TrainConfig:
     eval_accuracy: bool = True         # GSM8K accuracy by greedy generation at each evaluation
     eval_max_examples: int = 0         # held-out examples used per evaluation; 0: all
     export_hf: bool = True             # convert the final checkpoint to a HF model dir (<output_dir>/hf)
-    loss: Literal["plain", "chunked"] = "plain"  # chunked: fused CE over vocab chunks, less memory
+    # chunked (default): output projection + CE fused over token chunks, only on loss tokens (less
+    # memory, fewer FLOPs, same loss and gradients); plain: megatron's output layer + CE on all tokens
+    loss: Literal["plain", "chunked"] = "chunked"
     loss_chunk_size: int = 1024        # tokens per chunk for loss=chunked
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -170,6 +170,26 @@ def _common_scale(grad_loss, token_weights) -> float | None:
     return scale if torch.equal(grad_loss, token_weights * scale) else None
 
 
+class _ScatterTokenLosses(torch.autograd.Function):
+    """Losses of the kept tokens -> a loss per token, 0 for the skipped ones. Their losses were never
+    computed, so a gradient arriving for one of them would be silently dropped: the backward refuses it
+    (megatron's masked sum sends exactly 0 there)."""
+
+    @staticmethod
+    def forward(ctx, kept_losses, kept, n):
+        ctx.save_for_backward(kept)
+        return kept_losses.new_zeros(n).index_copy_(0, kept, kept_losses)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kept,) = ctx.saved_tensors
+        kept_grad = grad.index_select(0, kept)
+        if torch.count_nonzero(grad) != torch.count_nonzero(kept_grad):
+            raise RuntimeError("a token with loss_mask 0 received a loss gradient, but its loss was not "
+                               "computed (loss_tokens_only=True); weight the losses by loss_mask")
+        return kept_grad, None, None
+
+
 def chunked_vocab_parallel_cross_entropy(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
@@ -178,6 +198,7 @@ def chunked_vocab_parallel_cross_entropy(
     sequence_parallel: bool = False,
     tp_group=None,
     loss_mask: torch.Tensor | None = None,
+    loss_tokens_only: bool = False,
 ) -> torch.Tensor:
     """Per-token loss [b, s] (fp32) of `labels` [b, s] under logits = hidden @ output_weight.T.
 
@@ -189,7 +210,13 @@ def chunked_vocab_parallel_cross_entropy(
     take it (identity / all-reduce of its gradient, or the sequence all-gather with SP).
 
     loss_mask [b, s] (optional): the weights the caller multiplies the per-token losses by. When
-    given, gradients are formed in the forward pass (no recompute, see the Function's docstring)."""
+    given, gradients are formed in the forward pass (no recompute, see the Function's docstring).
+
+    loss_tokens_only (needs loss_mask): the output projection and the loss run only on tokens with a
+    non-zero loss_mask; the others get loss 0 (SFT's prompt tokens: typically a third or more of a
+    GSM8K batch, and the output projection is a quarter of a small model's matmul FLOPs). The gradient
+    is unchanged for any upstream gradient that is 0 on those tokens (megatron's masked sum); any
+    other raises in the backward. TP ranks share the batch, so they skip the same rows."""
     if chunk_size < 1:
         raise ValueError(f"train.loss_chunk_size must be >= 1, got {chunk_size}")
     group = _tp_group(tp_group)
@@ -213,8 +240,17 @@ def chunked_vocab_parallel_cross_entropy(
         if loss_mask.shape != (b, s):
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != labels shape {(b, s)}")
         token_weights = loss_mask.transpose(0, 1).reshape(s * b).float()
-    loss = _ChunkedVocabParallelCrossEntropy.apply(hidden, output_weight, target, token_weights,
-                                                   chunk_size, group, need_hidden, need_weight)
+    if loss_tokens_only and token_weights is None:
+        raise ValueError("loss_tokens_only=True needs the loss_mask")
+    kept = token_weights.nonzero().squeeze(1) if loss_tokens_only else None
+    if kept is not None and kept.numel() < s * b:
+        kept_losses = _ChunkedVocabParallelCrossEntropy.apply(
+            hidden.index_select(0, kept), output_weight, target.index_select(0, kept),
+            token_weights.index_select(0, kept), chunk_size, group, need_hidden, need_weight)
+        loss = _ScatterTokenLosses.apply(kept_losses, kept, s * b)
+    else:
+        loss = _ChunkedVocabParallelCrossEntropy.apply(hidden, output_weight, target, token_weights,
+                                                       chunk_size, group, need_hidden, need_weight)
     return loss.view(s, b).transpose(0, 1).contiguous()
 
 
@@ -260,10 +296,11 @@ def output_weight(model) -> torch.Tensor:
 
 
 def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_size: int,
-                    loss_mask: torch.Tensor | None = None):
+                    loss_mask: torch.Tensor | None = None, loss_tokens_only: bool = False):
     """Per-token loss [b, s] on the last pipeline stage (what `model(..., labels=labels)` returns,
     computed chunk-wise); other stages return their hidden states for the next stage. Pass the
-    loss mask the losses will be weighted with to have the gradients formed in the forward pass."""
+    loss mask the losses will be weighted with to have the gradients formed in the forward pass,
+    and loss_tokens_only to skip the output projection for tokens outside it (their loss is 0)."""
     gpt = unwrap_gpt(model)
     if not gpt.post_process:
         return model(tokens, position_ids, attention_mask)
@@ -273,19 +310,22 @@ def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_s
         sequence_parallel=gpt.output_layer.sequence_parallel,
         tp_group=gpt.output_layer.tp_group,
         loss_mask=loss_mask,
+        loss_tokens_only=loss_tokens_only,
     )
 
 
-def chunked_lm_forward_step(chunk_size: int):
+def chunked_lm_forward_step(chunk_size: int, loss_tokens_only: bool = True):
     """A megatron forward_step_func like `megagsm.models.training.lm_forward_step`, with the chunked
-    loss. Batch dict: tokens, position_ids, labels, loss_mask, optional attention_mask."""
+    loss. Batch dict: tokens, position_ids, labels, loss_mask, optional attention_mask. The loss
+    function weights the losses by loss_mask, so by default tokens outside it skip the output
+    projection (`loss_tokens_only`; the reported loss and every gradient are the same)."""
     from megagsm.models.training import masked_token_loss
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = chunked_lm_loss(model, batch["tokens"], batch["position_ids"],
                                  batch.get("attention_mask"), batch["labels"], chunk_size,
-                                 loss_mask=batch["loss_mask"])
+                                 loss_mask=batch["loss_mask"], loss_tokens_only=loss_tokens_only)
         return output, partial(masked_token_loss, batch["loss_mask"])
 
     return forward_step

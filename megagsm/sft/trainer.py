@@ -9,9 +9,9 @@ checkpoints (resume=auto), metrics and the final HF export.
 Optional pieces plug in through two hooks (other modules own them):
 - train.lora.enabled -> `megagsm.sft.lora.apply_lora(chunks, lora_cfg)` freezes the base weights and
   adds adapters, before DDP wraps the chunks;
-- train.loss=chunked -> `megagsm.sft.fused_ce.chunked_lm_forward_step(train.loss_chunk_size)`: the
-  model's forward stops at the hidden states and the loss is computed in token chunks
-  (memory-efficient vocab-parallel cross entropy), in place of `lm_forward_step`.
+- train.loss=chunked (default) -> `megagsm.sft.fused_ce.chunked_lm_forward_step(train.loss_chunk_size)`:
+  the model's forward stops at the hidden states and the loss is computed in token chunks, on loss
+  tokens only (memory-efficient vocab-parallel cross entropy); train.loss=plain -> `lm_forward_step`.
 """
 from __future__ import annotations
 
