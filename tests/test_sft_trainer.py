@@ -37,11 +37,14 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2", "parallel.use_distributed_optimizer=false"],
     "dp2": ["parallel.use_distributed_optimizer=true"],
 }
-# the LoRA / chunked-loss hooks, when those modules are in the checkout (branch sftlora)
-OPTIONAL_LAYOUTS = {
+# LoRA (with the chunked loss in small chunks) under TP2+SP and under PP2
+LORA_LAYOUTS = {
     "tp2_sp_lora_chunked": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.lora.enabled=true",
                             "train.lora.rank=4", "train.loss=chunked", "train.loss_chunk_size=16"],
+    "pp2_lora": ["parallel.pp=2", "parallel.use_distributed_optimizer=false", "train.lora.enabled=true",
+                 "train.lora.rank=4"],
 }
+LORA_BASE = {"tp2_sp_lora_chunked": "tp2_sp", "pp2_lora": "pp2"}
 RESUME = ["parallel.use_distributed_optimizer=true", "train.train_steps=6", "train.save_interval=3",
           "train.keep_last_n=2", "optim.warmup_steps=2", "optim.lr_decay_style=cosine", "optim.min_lr=1e-4"]
 KILL_AFTER_STEP = 4
@@ -72,13 +75,8 @@ def _first_launch(inputs, root):
     from megagsm.sft import trainer
     from megagsm.utils.metrics import read_metrics
 
-    import importlib.util
-
     out = {}
-    layouts = dict(LAYOUTS)
-    if all(importlib.util.find_spec(m) for m in ("megagsm.sft.lora", "megagsm.sft.fused_ce")):
-        layouts.update(OPTIONAL_LAYOUTS)
-    for name, overrides in layouts.items():
+    for name, overrides in {**LAYOUTS, **LORA_LAYOUTS}.items():
         cfg = _config(inputs, os.path.join(root, name), overrides)
         result = trainer.run_sft(cfg)
         rows = read_metrics(os.path.join(root, name, "metrics.jsonl")) if os.path.exists(
@@ -172,15 +170,17 @@ def test_layouts_train(runs):
     assert any("accuracy" in r and r["step"] == 0 for r in first["tp2_sp"]["rows"])
 
 
-def test_lora_and_chunked_loss_hooks(runs):
+@pytest.mark.parametrize("name", sorted(LORA_LAYOUTS))
+def test_lora_trains_under_tp_sp_and_pp(runs, name):
     first, _ = runs
-    if "tp2_sp_lora_chunked" not in first:
-        pytest.skip("megagsm.sft.lora / megagsm.sft.fused_ce are not in this checkout")
-    losses = first["tp2_sp_lora_chunked"]["losses"]
+    losses = first[name]["losses"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     # adapters start as a no-op (B = 0): the first loss is the base model's, as in the full run
-    assert losses[0] == pytest.approx(first["tp2_sp"]["losses"][0], rel=1e-6)
+    base = first[LORA_BASE[name]]["losses"]
+    assert losses[0] == pytest.approx(base[0], rel=1e-6)
     assert losses[-1] < losses[0]
+    # only the adapters move: a different curve from full fine-tuning
+    assert losses[1:] != pytest.approx(base[1:], rel=1e-6)
 
 
 def test_killed_run_resumes_with_identical_losses(runs):
