@@ -23,6 +23,9 @@ weights; the untied output projection counts), L layers, s sequence length, d_at
 the attention term is the score and value matmuls (4 * s * d_attn per token per layer forward, x3
 with backward) halved for the causal mask. Fraction of peak = model FLOP/s / measured matmul FLOP/s
 (2 * n^3 / t for an n x n fp32 matmul, median over rounds, best of 3 calls within a round).
+Both loops are credited the same FLOPs per position (the output projection on every position, what
+the transformers loop executes); on `gsm8k_sft` megagsm skips that projection outside the loss, so its
+fraction there is an effective one (work a plain loop would have done, per second), not hardware use.
 
 Both loops run in one process, so megagsm's CPU runtime settings made at `init_runtime` (glibc malloc
 tuning, megagsm.runtime.cpu_malloc) apply to the transformers loop as well; megagsm's optimizer is
