@@ -83,6 +83,32 @@ def test_tensorboard_mirrors_scalars(tmp_path, rank):
     assert events.Scalars("eval/accuracy")[0].value == pytest.approx(0.5)
 
 
+def test_rewind_drops_rows_after_the_resumed_step(tmp_path, rank):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsWriter(str(tmp_path)) as first:  # a launch that died after logging step 4
+        for step in range(1, 5):
+            first.log("sft", step, {"loss": float(step)})
+        first.log("eval", 2, {"accuracy": 0.5})
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"phase": "sft", "st')  # torn by the crash
+    with MetricsWriter(str(tmp_path)) as resumed:  # resumed from the checkpoint of step 2
+        assert resumed.rewind(2) == 3
+        for step in (3, 4, 5):
+            resumed.log("sft", step, {"loss": 10.0 + step})
+    rows = read_metrics(str(tmp_path / METRICS_FILE))
+    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 1), ("sft", 2), ("eval", 2), ("sft", 3),
+                                                      ("sft", 4), ("sft", 5)]
+    assert [r["loss"] for r in rows if r["phase"] == "sft"] == [1.0, 2.0, 13.0, 14.0, 15.0]
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("sft/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0),
+                                                                     (5, 15.0)]
+    with MetricsWriter(str(tmp_path), tensorboard=False) as fresh:  # a new run in the same directory
+        assert fresh.rewind(-1) == 6
+    assert read_metrics(str(tmp_path / METRICS_FILE)) == []
+
+
 def test_only_rank0_writes(tmp_path, rank):
     rank(1)
     with MetricsWriter(str(tmp_path / "out")) as writer:

@@ -118,8 +118,11 @@ def _first_launch(inputs, root):
 def _second_launch(inputs, root):
     from megagsm.sft import trainer
 
+    from megagsm.utils.metrics import read_metrics
+
     resumed = trainer.run_sft(_config(inputs, os.path.join(root, "killed"), RESUME + ["train.resume=auto"]))
     return {"losses": resumed.losses, "resumed_from": resumed.resumed_from,
+            "rows": read_metrics(os.path.join(root, "killed", "metrics.jsonl")),
             "checkpoints": sorted(os.listdir(os.path.join(root, "killed", "checkpoints")))}
 
 
@@ -193,6 +196,11 @@ def test_killed_run_resumes_with_identical_losses(runs):
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step - 1], rel=RESUME_RTOL), (step, resumed[step], full[step - 1])
+    # metrics.jsonl holds each step once: the killed launch's row for step 4 (after the step-3
+    # checkpoint) was dropped on resume and logged again
+    loss_rows = [r for r in second["rows"] if r["phase"] == "sft" and "loss" in r]
+    assert [r["step"] for r in loss_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in loss_rows] == pytest.approx(full, rel=RESUME_RTOL)
     # keep_last_n=2 after the final save; the stale .tmp was cleaned up by the first new save
     assert second["checkpoints"] == ["iter_0000003", "iter_0000006", "latest"]
 

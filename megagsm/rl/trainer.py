@@ -105,6 +105,9 @@ class GSPORun:
                                          self.scheduler)
             self.step, self.resumed_from = state.iteration, path
             log.info("resumed from %s at step %d", path, self.step)
+        dropped = self.metrics.rewind(self.step if path is not None else -1)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows logged after step %d by an earlier launch", dropped, self.step)
 
     def prompt(self, index: int) -> list[int]:
         if index not in self._prompts:

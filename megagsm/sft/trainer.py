@@ -110,6 +110,9 @@ class SFTRun:
         elif self.cfg.model.load:
             ckpt.load_weights(self.cfg.model.load, self.chunks)
             log.info("initial weights from %s", self.cfg.model.load)
+        dropped = self.metrics.rewind(self.step if path is not None else -1)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows logged after step %d by an earlier launch", dropped, self.step)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -76,6 +76,38 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{clean['phase']}/{key}", value, global_step=step)
             self._tb.flush()
 
+    def rewind(self, step: int) -> int:
+        """Drop the rows after `step` (and a torn last line): a run resumed from the checkpoint of
+        `step` logs the later steps again, so the history stays one row per step; step=-1 drops every
+        row (a fresh run in a used output_dir). TensorBoard hides the dropped steps (purge_step).
+        Atomic: the kept rows go to a temp file renamed over metrics.jsonl. Returns the rows dropped."""
+        if self._file is None:
+            return 0
+        self._file.close()
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=self.out_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=os.path.join(self.out_dir, TENSORBOARD_DIR),
+                                     purge_step=max(step + 1, 0))
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
