@@ -109,6 +109,9 @@ def test_kv_cache_too_large_names_the_numbers(single):
 @pytest.mark.multirank
 def test_train_generate_switch_shares_weights(single):
     assert single["train_mode_restored"]
+    # every linear of the 2-layer model (qkv, proj, fc1, fc2 per layer + output layer) took the plain
+    # matmul inside generation, none kept it after
+    assert single["plain_matmul_linears_inside"] == 9 and single["plain_matmul_linears_after"] == 0
     assert single["no_weight_copy"]
     assert single["grads_untouched"]
     assert single["train_mode_greedy_equal"]

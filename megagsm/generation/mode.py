@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 def unwrap(model):
@@ -34,17 +35,39 @@ def generation_mode(model):
     later, so nothing made here may outlive the context inside the model: megatron memoises RoPE
     frequencies per sequence length (an lru_cache on RotaryEmbedding.forward), and those caches are
     cleared on exit; results are cloned by generate() before they are returned.
+
+    megatron's column/row-parallel linears run their matmul through an autograd Function (for the
+    backward's gradient accumulation and all-reduces) even when no gradient is wanted; for the
+    duration their local matmul is the plain `matmul(x, W.T) + b` that Function computes in its
+    forward (same arithmetic: the results are identical; TP collectives around it are untouched).
+    That is ~0.2 ms less Python per decoding step of a 4-layer model.
     """
     modules = list(model.modules())
     was_training = [m.training for m in modules]
+    linears = [m for m in modules if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
     model.eval()
     try:
+        for linear in linears:
+            linear._forward_impl = _inference_matmul(linear._forward_impl)  # shadows the method
         with torch.inference_mode():
             yield model
     finally:
+        for linear in linears:
+            linear.__dict__.pop("_forward_impl", None)
         for m, training in zip(modules, was_training):
             m.training = training
         _clear_memoised_forwards(modules)
+
+
+def _inference_matmul(megatron_forward_impl):
+    def forward_impl(input, weight, bias=None, sequence_parallel=False, **kwargs):
+        if sequence_parallel or torch.is_grad_enabled():  # megatron's own path gathers / keeps autograd
+            return megatron_forward_impl(input=input, weight=weight, bias=bias,
+                                         sequence_parallel=sequence_parallel, **kwargs)
+        output = torch.matmul(input, weight.t())
+        return output + bias if bias is not None else output
+
+    return forward_impl
 
 
 def _clear_memoised_forwards(modules) -> None:

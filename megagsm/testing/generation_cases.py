@@ -195,6 +195,15 @@ def single_process_cases(work_dir: str) -> dict:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     r = generate(model, ps_, greedy)
     out["train_mode_restored"] = model.training and all(m.training for m in model.modules())
+    # generation's plain matmul for megatron's linears is scoped to it: training gets megatron's back
+    from megagsm.generation.mode import generation_mode
+
+    def plain_matmul_linears():
+        return sum("_forward_impl" in m.__dict__ for m in model.modules())
+
+    with generation_mode(model):
+        out["plain_matmul_linears_inside"] = plain_matmul_linears()
+    out["plain_matmul_linears_after"] = plain_matmul_linears()
     out["no_weight_copy"] = ptrs == {n: p.data_ptr() for n, p in model.named_parameters()}
     out["grads_untouched"] = len(grads) > 0 and all(
         torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if n in grads)
