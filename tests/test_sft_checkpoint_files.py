@@ -70,3 +70,17 @@ def test_keep_last_n_prunes_oldest_and_stale_tmp(tmp_path):
     assert sorted(os.listdir(save)) == ["iter_0000030", "iter_0000040"]
     assert ck.prune_checkpoints(save, keep_last_n=0) == []  # 0 keeps all
     assert len(ck.list_checkpoints(save)) == 2
+
+
+def test_optimizer_layout_mismatch_is_refused_with_the_fields():
+    saved = {"distributed_optimizer": True, "tp": 1, "pp": 1, "ep": 1, "vpp": None}
+    ck.check_optimizer_layout("ck/iter_0000003", saved, dict(saved))   # same layout: fine (DP is free)
+    ck.check_optimizer_layout("ck/iter_0000003", {}, dict(saved, tp=2))  # older checkpoint: unknown
+    plain = dict(saved, distributed_optimizer=False)
+    ck.check_optimizer_layout("ck/iter_0000003", plain, dict(plain, tp=2, pp=2))  # layout-free state
+    with pytest.raises(ValueError) as err:
+        ck.check_optimizer_layout("ck/iter_0000003", saved, dict(saved, tp=2))
+    message = str(err.value)
+    assert "tp=1" in message and "tp=2" in message and "model.load=ck/iter_0000003" in message
+    with pytest.raises(ValueError, match="distributed_optimizer=False"):
+        ck.check_optimizer_layout("ck/iter_0000003", saved, plain)

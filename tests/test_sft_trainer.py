@@ -121,8 +121,16 @@ def _second_launch(inputs, root):
     from megagsm.utils.metrics import read_metrics
 
     resumed = trainer.run_sft(_config(inputs, os.path.join(root, "killed"), RESUME + ["train.resume=auto"]))
-    return {"losses": resumed.losses, "resumed_from": resumed.resumed_from,
-            "rows": read_metrics(os.path.join(root, "killed", "metrics.jsonl")),
+    rows = read_metrics(os.path.join(root, "killed", "metrics.jsonl"))
+    # distributed-optimizer state cannot follow a TP change: a clear error before megatron's own
+    try:
+        trainer.SFTRun(_config(inputs, os.path.join(root, "killed_tp2"), RESUME + [
+            f"train.save_dir={os.path.join(root, 'killed', 'checkpoints')}", "parallel.tp=2"])).restore()
+        tp2_error = None
+    except ValueError as e:
+        tp2_error = str(e)
+    return {"losses": resumed.losses, "resumed_from": resumed.resumed_from, "rows": rows,
+            "tp2_resume_error": tp2_error,
             "checkpoints": sorted(os.listdir(os.path.join(root, "killed", "checkpoints")))}
 
 
@@ -201,6 +209,8 @@ def test_killed_run_resumes_with_identical_losses(runs):
     loss_rows = [r for r in second["rows"] if r["phase"] == "sft" and "loss" in r]
     assert [r["step"] for r in loss_rows] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in loss_rows] == pytest.approx(full, rel=RESUME_RTOL)
+    assert "tp=1" in second["tp2_resume_error"] and "tp=2" in second["tp2_resume_error"]
+    assert "model.load=" in second["tp2_resume_error"]
     # keep_last_n=2 after the final save; the stale .tmp was cleaned up by the first new save
     assert second["checkpoints"] == ["iter_0000003", "iter_0000006", "latest"]
 

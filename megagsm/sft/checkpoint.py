@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megagsm.utils.logging import get_logger
 
@@ -60,17 +61,46 @@ class TrainerState:
     sampler: dict = field(default_factory=dict)  # the data sampler's state_dict()
     world_size: int = 1                 # RNG states are per rank: restored only at the same size
     extra: dict = field(default_factory=dict)    # free-form (e.g. best eval metric)
+    layout: dict = field(default_factory=dict)   # the saver's model-parallel layout (see optimizer_layout)
 
     def to_json(self) -> dict:
         return {"format_version": _FORMAT_VERSION, "iteration": self.iteration,
                 "consumed_samples": self.consumed_samples, "sampler": self.sampler,
-                "world_size": self.world_size, "extra": self.extra}
+                "world_size": self.world_size, "extra": self.extra, "layout": self.layout}
 
     @classmethod
     def from_json(cls, data: dict) -> TrainerState:
         return cls(iteration=int(data["iteration"]), consumed_samples=int(data["consumed_samples"]),
                    sampler=dict(data.get("sampler", {})), world_size=int(data.get("world_size", 1)),
-                   extra=dict(data.get("extra", {})))
+                   extra=dict(data.get("extra", {})), layout=dict(data.get("layout", {})))
+
+
+def optimizer_layout(optimizer) -> dict:
+    """What the optimizer state's on-disk form depends on: with megatron's distributed optimizer it is
+    flattened per grad-buffer bucket (dp_reshardable), so TP/PP/EP/VPP must match on resume (DP may
+    change); the plain optimizer's state is sharded like the parameters and loads under any layout."""
+    layout = {"distributed_optimizer": any(
+        isinstance(opt, DistributedOptimizer) for opt in getattr(optimizer, "chained_optimizers", [optimizer]))}
+    if ps.model_parallel_is_initialized():
+        layout.update(tp=ps.get_tensor_model_parallel_world_size(),
+                      pp=ps.get_pipeline_model_parallel_world_size(),
+                      ep=ps.get_expert_model_parallel_world_size(),
+                      vpp=ps.get_virtual_pipeline_model_parallel_world_size())
+    return layout
+
+
+def check_optimizer_layout(path: str, saved: dict, current: dict) -> None:
+    """Refuses, before megatron's shape errors, a resume whose distributed-optimizer state cannot load."""
+    if not saved or not (saved.get("distributed_optimizer") or current.get("distributed_optimizer")):
+        return
+    keys = ("distributed_optimizer", "tp", "pp", "ep", "vpp")
+    differ = [k for k in keys if saved.get(k) != current.get(k)]
+    if differ:
+        fmt = lambda d: " ".join(f"{k}={d.get(k)}" for k in keys)  # noqa: E731
+        raise ValueError(
+            f"checkpoint {path} holds optimizer state saved with {fmt(saved)}; this run has {fmt(current)}. "
+            "Distributed-optimizer state is tied to the TP/PP/EP/VPP layout (DP may change): resume with "
+            f"the saved layout, or start from its weights only with model.load={path} (fresh optimizer)")
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -273,6 +303,8 @@ def save_checkpoint(save_dir: str, trainer_state: TrainerState, model_chunks: li
     _barrier()
     if rank0:
         trainer_state.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if optimizer is not None:
+            trainer_state.layout = optimizer_layout(optimizer)
         if write_extra is not None:
             write_extra(tmp)
         _write_text_atomic(os.path.join(tmp, TRAINER_STATE_FILE),
@@ -303,6 +335,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         log.warning("checkpoint %s was saved by %d ranks, this run has %d: RNG states not restored",
                     path, trainer_state.world_size, world)
     if optimizer is not None:
+        check_optimizer_layout(path, trainer_state.layout, optimizer_layout(optimizer))
         _materialise_optimizer_state(optimizer)
     template = sharded_state_dict(model_chunks, optimizer, scheduler,
                                   capture_rng_state() if with_rng else None, is_loading=True)
