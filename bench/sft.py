@@ -2,6 +2,7 @@
 Qwen2ForCausalLM + torch.optim.AdamW loop, same shape, batch and optimizer settings, in one process.
 
     python bench/sft.py [--repeats 7] [--batch 8] [--seq 256] [--no-memory]
+    python bench/sft.py --shape 1b --dtype bf16 --batch 4 --seq 2048 --megagsm-only   # GPU MFU
 
 Prints ONE JSON line. Two batches of [batch, seq] tokens, each trained by both loops:
 * `gsm8k_sft` (the headline figures): an SFT batch as megagsm's trainer builds it: synthetic
@@ -32,12 +33,16 @@ tuning, megagsm.runtime.cpu_malloc) apply to the transformers loop as well; mega
 megatron's, with torch's fused AdamW kernel on CPU (megagsm.models.training.build_optimizer), the
 transformers loop uses torch.optim.AdamW with its defaults, as a plain loop would.
 
-Unless --no-memory, also measures the loss kernel's peak memory (output projection + cross-entropy,
-forward + backward, 8192 tokens x 32768 vocab, hidden 512, fp32) for the plain path (matmul + megatron's
-`vocab_parallel_cross_entropy`) and `megagsm.sft.fused_ce` (chunks of 1024 tokens; gradients formed in
-the forward pass given the loss mask, and the recompute variant without it), each in a fresh
-process, as the growth of the process's peak RSS (VmHWM, reset just before) over its RSS before the
-step.
+megagsm's model and optimizer are built as `launch/train.py` builds them (`model.init=random`,
+family qwen2, `megagsm.models.builder.build_model`, DDP, megatron's optimizer with
+`megagsm.sft.optim.optimizer_config`: fp32 main params under bf16). Shapes: `20m` (default; hidden
+512, 4 layers, 8 heads / 2 KV groups, FFN 1536, vocab 8192) and `1b` (hidden 2048, 22 layers, 32
+heads / 4 KV groups, FFN 5632, vocab 32000: 1.1B parameters). On CUDA both loops run on the GPU and
+the matmul peak is timed in the run's dtype (bf16: the MFU denominator); `--megagsm-only` skips the
+transformers loop (MFU runs of a model too large for two copies).
+
+Unless --no-memory, also runs bench/loss_memory.py (the loss kernel's peak memory, CPU) and
+includes its figures as `loss_memory`.
 """
 from __future__ import annotations
 
@@ -51,70 +56,73 @@ import time
 
 import torch
 
-# Qwen2-shaped, ~20M parameters
-SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=2, ffn=1536, vocab=8192)
+SHAPES = {
+    "20m": dict(hidden=512, layers=4, heads=8, kv_heads=2, ffn=1536, vocab=8192),
+    "1b": dict(hidden=2048, layers=22, heads=32, kv_heads=4, ffn=5632, vocab=32000),
+}
 OPTIM = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, clip=1.0)
 
 
-def build_megagsm(seq: int):
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+def build_megagsm(shape: dict, seq: int, dtype: str):
+    """(chunks, optimizer, torch dtype, device) as the SFT trainer builds them."""
+    from megagsm.config.model import ModelConfig
+    from megagsm.config.optim import OptimConfig
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.models.gpt import GPTArchitecture, build_model_chunks
-    from megagsm.models.training import build_optimizer, parallel_fields, wrap_ddp
+    from megagsm.models.builder import build_model
+    from megagsm.models.training import build_optimizer, wrap_ddp
     from megagsm.runtime import init_runtime
+    from megagsm.sft.optim import optimizer_config
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
-    init_runtime(parallel, seed=0)
-    config = TransformerConfig(
-        num_layers=SHAPE["layers"], hidden_size=SHAPE["hidden"], num_attention_heads=SHAPE["heads"],
-        num_query_groups=SHAPE["kv_heads"], ffn_hidden_size=SHAPE["ffn"],
-        normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        pipeline_dtype=torch.float32,
-        # CUDA-only fusions: off on CPU (megatron would otherwise try apex/TE kernels)
-        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, bias_dropout_fusion=False,
-        **parallel_fields(parallel),
-    )
-    arch = GPTArchitecture(vocab_size=SHAPE["vocab"], max_sequence_length=seq, rotary_base=1000000.0)
-    chunks = wrap_ddp(build_model_chunks(config, arch), parallel)
-    optimizer = build_optimizer(chunks, OptimizerConfig(
-        optimizer="adam", lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
-        adam_beta1=OPTIM["betas"][0], adam_beta2=OPTIM["betas"][1], adam_eps=OPTIM["eps"],
-        clip_grad=OPTIM["clip"], use_distributed_optimizer=False))
-    return chunks, optimizer
+    info = init_runtime(parallel, seed=0)
+    model = ModelConfig(init="random", family="qwen2", dtype=dtype, hidden_size=shape["hidden"],
+                        num_layers=shape["layers"], num_attention_heads=shape["heads"],
+                        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"],
+                        vocab_size=shape["vocab"], max_position_embeddings=seq, tie_word_embeddings=False)
+    built = build_model(model, parallel, info.device)
+    chunks = wrap_ddp(built.chunks, parallel)
+    optim = OptimConfig(lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"], adam_beta1=OPTIM["betas"][0],
+                        adam_beta2=OPTIM["betas"][1], adam_eps=OPTIM["eps"], clip_grad=OPTIM["clip"])
+    optimizer = build_optimizer(chunks, optimizer_config(optim, parallel, built.dtype))
+    return chunks, optimizer, built.dtype, info.device
 
 
-def build_transformers(seq: int):
+def build_transformers(shape: dict, seq: int, dtype: torch.dtype, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
-        num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
-        intermediate_size=SHAPE["ffn"], vocab_size=SHAPE["vocab"], max_position_embeddings=seq,
+        hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        intermediate_size=shape["ffn"], vocab_size=shape["vocab"], max_position_embeddings=seq,
         tie_word_embeddings=False, rms_norm_eps=1e-6, attn_implementation="sdpa",
     )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], betas=OPTIM["betas"],
                                   eps=OPTIM["eps"], weight_decay=OPTIM["weight_decay"])
     return model, optimizer
 
 
-def model_flops_per_token(params_in_matmuls: int, seq: int) -> float:
-    d_attn = SHAPE["heads"] * (SHAPE["hidden"] // SHAPE["heads"])
-    return 6.0 * params_in_matmuls + 6.0 * SHAPE["layers"] * seq * d_attn
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def matmul_flops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def model_flops_per_token(shape: dict, params_in_matmuls: int, seq: int) -> float:
+    d_attn = shape["heads"] * (shape["hidden"] // shape["heads"])
+    return 6.0 * params_in_matmuls + 6.0 * shape["layers"] * seq * d_attn
+
+
+def matmul_flops(device, dtype) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(3):
+        synchronize()
         t = time.perf_counter()
         torch.mm(a, b)
+        synchronize()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
 
@@ -130,7 +138,7 @@ def fused_adamw(optimizer) -> bool:
     return all(bool(g.get("fused")) for g in groups)
 
 
-def gsm8k_sft_batch(batch: int, seq: int) -> dict:
+def gsm8k_sft_batch(batch: int, seq: int, vocab: int) -> dict:
     """An SFT batch as the trainer builds it: synthetic GSM8K-format problems at the hardest level
     (multi-step word problems with worked prose solutions), the default prompt template, a BPE
     tokenizer trained on them, megagsm's SFT samples right-padded to `seq` (loss on response tokens
@@ -146,15 +154,15 @@ def gsm8k_sft_batch(batch: int, seq: int) -> dict:
     problems, _ = generate_splits(max(256, batch), 0, level=4, seed=0)
     examples = [GSM8KExample(question=p.question, answer=p.answer, final_answer=str(p.final)) for p in problems]
     with tempfile.TemporaryDirectory(prefix="bench-sft-tok-") as tmp:
-        tokenizer = train_tokenizer(tokenizer_training_texts(examples), SHAPE["vocab"], os.path.join(tmp, "tok"))
+        tokenizer = train_tokenizer(tokenizer_training_texts(examples), vocab, os.path.join(tmp, "tok"))
     samples = [build_sft_sample(e.question, e.answer, tokenizer, seq) for e in examples[:batch]]
     return to_model_batch(collate_sft(samples, tokenizer.pad_token_id, seq_length=seq))
 
 
-def all_tokens_batch(batch: int, seq: int) -> dict:
+def all_tokens_batch(batch: int, seq: int, vocab: int) -> dict:
     """Random tokens, every position in the loss: the same work for both loops, token for token."""
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, SHAPE["vocab"], (batch, seq + 1), generator=gen)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
             "loss_mask": torch.ones(batch, seq), "position_ids": torch.arange(seq).expand(batch, -1).contiguous(),
             "attention_mask": None}
@@ -182,69 +190,75 @@ def throughput(args) -> dict:
     from megagsm.config.train import TrainConfig
     from megagsm.models.training import train_step
 
-    batch, seq = args.batch, args.seq
-    chunks, mg_opt = build_megagsm(seq)
-    hf_model, hf_opt = build_transformers(seq)
+    shape, batch, seq = SHAPES[args.shape], args.batch, args.seq
+    chunks, mg_opt, dtype, device = build_megagsm(shape, seq, args.dtype)
     forward_step = megagsm_forward_step()
-    workloads = {"gsm8k_sft": gsm8k_sft_batch(batch, seq), "all_tokens": all_tokens_batch(batch, seq)}
+    workloads = {"gsm8k_sft": gsm8k_sft_batch(batch, seq, shape["vocab"]),
+                 "all_tokens": all_tokens_batch(batch, seq, shape["vocab"])}
+    workloads = {name: {k: v.to(device) if v is not None else None for k, v in b.items()}
+                 for name, b in workloads.items()}
 
     def megagsm_step(mg_batch):
         return train_step(chunks, mg_opt, [mg_batch], 1, seq, batch, forward_step_func=forward_step).loss
 
-    def transformers_step(mg_batch, labels):
-        hf_opt.zero_grad(set_to_none=True)
-        loss = hf_model(input_ids=mg_batch["tokens"], labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), OPTIM["clip"])
-        hf_opt.step()
-        return loss.item()
-
     steps, first = [], {}
+    sides = ["megagsm"]
     for name, mg_batch in workloads.items():
-        labels = hf_labels(mg_batch)
         steps.append((f"megagsm/{name}", lambda b=mg_batch: megagsm_step(b)))
-        steps.append((f"transformers/{name}", lambda b=mg_batch, lab=labels: transformers_step(b, lab)))
+    if not args.megagsm_only:
+        sides.append("transformers")
+        hf_model, hf_opt = build_transformers(shape, seq, dtype, device)
+
+        def transformers_step(mg_batch, labels):
+            hf_opt.zero_grad(set_to_none=True)
+            loss = hf_model(input_ids=mg_batch["tokens"], labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf_model.parameters(), OPTIM["clip"])
+            hf_opt.step()
+            return loss.item()
+
+        for name, mg_batch in workloads.items():
+            labels = hf_labels(mg_batch)
+            steps.append((f"transformers/{name}", lambda b=mg_batch, lab=labels: transformers_step(b, lab)))
     for key, step in steps:  # warm-up
         first[key] = step()
     times = {key: [] for key, _ in steps}
     cpu = {key: [] for key, _ in steps}
     peaks = []
     for round_ in range(args.repeats):
-        peaks.append(matmul_flops())
+        peaks.append(matmul_flops(device, dtype))
         # alternate the order, so a load change within a round does not favour one side
         for key, step in steps if round_ % 2 == 0 else steps[::-1]:
+            synchronize()
             c, t = time.process_time(), time.perf_counter()
             step()
+            synchronize()
             times[key].append(time.perf_counter() - t)
             cpu[key].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     peak = statistics.median(peaks)
     tok = batch * seq
-    mg_params = sum(p.numel() for p in chunks[0].module.parameters())
-    hf_params = sum(p.numel() for p in hf_model.parameters())
-    embedding = SHAPE["vocab"] * SHAPE["hidden"]
-    norms = SHAPE["hidden"] * (2 * SHAPE["layers"] + 1)
-    flops_tok = model_flops_per_token(mg_params - embedding - norms, seq)
+    params = sum(p.numel() for p in chunks[0].module.parameters())
+    embedding = shape["vocab"] * shape["hidden"]
+    norms = shape["hidden"] * (2 * shape["layers"] + 1)
+    flops_tok = model_flops_per_token(shape, params - embedding - norms, seq)
 
     def figures(name):
-        mg, hf = f"megagsm/{name}", f"transformers/{name}"
-        mg_tps, hf_tps = tok / med[mg], tok / med[hf]
-        return {
-            "megagsm_tokens_per_s": round(mg_tps, 1),
-            "transformers_tokens_per_s": round(hf_tps, 1),
-            "ratio": round(mg_tps / hf_tps, 3),
-            "megagsm_frac_of_matmul_peak": round(mg_tps * flops_tok / peak, 3),
-            "transformers_frac_of_matmul_peak": round(hf_tps * flops_tok / peak, 3),
-            "loss_token_fraction": round(float(workloads[name]["loss_mask"].mean()), 3),
-            "first_loss": {"megagsm": round(first[mg], 4), "transformers": round(first[hf], 4)},
-            # process CPU seconds per step (all threads): less sensitive to other processes than wall
-            # time on a shared machine, a cross-check of the wall-clock ratio
-            "cpu_s_per_step": {"megagsm": round(cpu_med[mg], 3), "transformers": round(cpu_med[hf], 3)},
-            "cpu_ratio": round(cpu_med[hf] / cpu_med[mg], 3),
-            "step_s_all": {"megagsm": [round(x, 3) for x in times[mg]],
-                           "transformers": [round(x, 3) for x in times[hf]]},
-        }
+        tps = {side: tok / med[f"{side}/{name}"] for side in sides}
+        out = {f"{side}_tokens_per_s": round(tps[side], 1) for side in sides}
+        if "transformers" in tps:
+            out["ratio"] = round(tps["megagsm"] / tps["transformers"], 3)
+        out.update({f"{side}_frac_of_matmul_peak": round(tps[side] * flops_tok / peak, 3) for side in sides})
+        out["loss_token_fraction"] = round(float(workloads[name]["loss_mask"].float().mean()), 3)
+        out["first_loss"] = {side: round(first[f"{side}/{name}"], 4) for side in sides}
+        # process CPU seconds per step (all threads): less sensitive to other processes than wall
+        # time on a shared machine, a cross-check of the wall-clock ratio
+        out["cpu_s_per_step"] = {side: round(cpu_med[f"{side}/{name}"], 3) for side in sides}
+        if "transformers" in tps:
+            out["cpu_ratio"] = round(cpu_med[f"transformers/{name}"] / cpu_med[f"megagsm/{name}"], 3)
+        out["step_s_all"] = {side: [round(x, 3) for x in times[f"{side}/{name}"]] for side in sides}
+        return out
 
     return {
         # headline: a GSM8K SFT batch (loss on response tokens only), as the trainer feeds it
@@ -254,95 +268,35 @@ def throughput(args) -> dict:
         "all_tokens": figures("all_tokens"),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "model_flops_per_token": flops_tok,
-        "params": {"megagsm": mg_params, "transformers": hf_params},
+        "params": params,
+        "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "batch": [batch, seq], "repeats": args.repeats, "threads": torch.get_num_threads(),
         "megagsm_train_loss": TrainConfig().loss,
         "cpu_settings": {"malloc_tuning": cpu_malloc_settings(), "megagsm_fused_adamw": fused_adamw(mg_opt)},
     }
 
 
-# ---- loss kernel memory (each variant in a fresh process) ----
-
-MEM_SHAPE = dict(tokens=8192, hidden=512, vocab=32768, chunk=1024)
-
-
-def _status_bytes(field: str) -> int:
-    """VmRSS / VmHWM (peak RSS) of this process from /proc (Linux). Unlike getrusage's ru_maxrss,
-    VmHWM is not inherited from the parent process, and writing 5 to clear_refs resets it."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_child(variant: str) -> dict:
-    from megatron.core import tensor_parallel
-
-    from megagsm.config.parallel import ParallelConfig
-    from megagsm.runtime import init_runtime
-    from megagsm.sft.fused_ce import chunked_vocab_parallel_cross_entropy
-
-    init_runtime(ParallelConfig(), seed=0)
-    n, h, v = MEM_SHAPE["tokens"], MEM_SHAPE["hidden"], MEM_SHAPE["vocab"]
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, 1, h, generator=gen).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) * 0.02).requires_grad_()
-    labels = torch.randint(0, v, (1, n), generator=gen)
-    mask = torch.ones(1, n)
-
-    def step():
-        if variant == "plain":
-            logits = torch.matmul(hidden, weight.t())  # megatron's output layer at TP=1
-            loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
-        elif variant == "chunked":  # gradients formed in the forward pass (loss mask given)
-            loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"],
-                                                        loss_mask=mask)
-        else:  # chunked, logits recomputed in the backward pass
-            loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, MEM_SHAPE["chunk"])
-        (loss * mask).sum().backward()
-        value = loss.detach().sum().item()
-        hidden.grad = weight.grad = None
-        return value
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = max(_status_bytes("VmRSS"), _status_bytes("VmHWM"))
-    t = time.perf_counter()
-    value = step()
-    seconds = time.perf_counter() - t
-    peak = _status_bytes("VmHWM")
-    return {"peak_extra_mib": round((peak - before) / 2**20, 1), "seconds": round(seconds, 3), "loss_sum": value}
-
-
-def memory(args) -> dict:
-    out = {"shape": dict(MEM_SHAPE), "full_logits_fp32_mib": MEM_SHAPE["tokens"] * MEM_SHAPE["vocab"] * 4 / 2**20}
-    # a fresh rendezvous per child: this process's torch.distributed port is still bound
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    for variant in ("plain", "chunked", "chunked_recompute"):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", variant], capture_output=True, text=True,
-            env=dict(env, PYTHONWARNINGS="ignore"), check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-3000:]}")
-        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--memory-child", choices=["plain", "chunked", "chunked_recompute"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; figures are medians")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="20m", help="model shape (see above)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="model.dtype: auto = bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--megagsm-only", action="store_true", help="skip the transformers loop")
+    parser.add_argument("--no-memory", action="store_true", help="skip bench/loss_memory.py")
     args = parser.parse_args()
-    if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child)))
-        return
     result = throughput(args)
     if not args.no_memory:
-        result["loss_memory"] = memory(args)
+        proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                            "loss_memory.py")],
+                              capture_output=True, text=True, check=False,
+                              env={k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")})
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench/loss_memory.py failed:\n{proc.stderr[-3000:]}")
+        result["loss_memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(result))
 
 

@@ -58,3 +58,18 @@ def test_bench_sft_smoke():
         # both start from random init over the same vocabulary: losses near ln(vocab) on both sides
         for loss in figures["first_loss"].values():
             assert abs(loss - torch.log(torch.tensor(8192.0)).item()) < 1.0
+
+
+def test_bench_sft_megagsm_only_bf16_smoke():
+    """The GPU MFU mode's code path (bf16 model with fp32 main params, no transformers loop), on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sft.py"), "--batch", "2", "--seq", "192", "--repeats", "1",
+         "--dtype", "bf16", "--megagsm-only", "--no-memory"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["dtype"] == "bfloat16" and report["params"] == 20454912
+    assert "ratio" not in report and "transformers_tokens_per_s" not in report
+    assert report["megagsm_tokens_per_s"] > 0 and 0 < report["megagsm_frac_of_matmul_peak"]
