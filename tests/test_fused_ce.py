@@ -75,7 +75,7 @@ def test_loss_tokens_only_skips_masked_tokens_exactly(chunk):
     # a gradient for a token whose loss was never computed must not be dropped silently
     loss = chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk, loss_mask=mask,
                                                 loss_tokens_only=True)
-    with pytest.raises(RuntimeError, match="loss_mask 0 received a loss gradient"):
+    with pytest.raises(RuntimeError, match="masked-out token received a gradient"):
         loss.sum().backward()
     with pytest.raises(ValueError, match="needs the loss_mask"):
         chunked_vocab_parallel_cross_entropy(hidden, weight, labels, chunk, loss_tokens_only=True)
@@ -175,6 +175,21 @@ def _function_case(chunk, sequence_parallel):
     return results
 
 
+def _gspo_response_rows_case(model, batch):
+    """GSPO's log-probs from the output projection of response positions only vs from full logits."""
+    from megagsm.rl.logprobs import token_log_probs
+    from megagsm.rl.update import LossSpec, _model_forward, _response_log_probs
+
+    mask, labels = batch["loss_mask"], batch["labels"] % 200  # ids the sampler could draw: < vocab_limit
+    gspo_batch = {"tokens": batch["tokens"], "position_ids": batch["position_ids"], "labels": labels,
+                  "response_mask": mask}
+    with torch.no_grad():
+        full = token_log_probs(model(batch["tokens"], batch["position_ids"], None), labels, 0.7, 200)
+        output, kept = _model_forward(gspo_batch, model)
+        rows = _response_log_probs(output, kept, gspo_batch, LossSpec(temperature=0.7, vocab_limit=200))
+    return {"full": full, "rows": rows, "mask": mask, "n_rows": output.shape[0]}
+
+
 def _worker(spec, layouts):
     from megatron.core.optimizer import OptimizerConfig
 
@@ -203,6 +218,7 @@ def _worker(spec, layouts):
             mbs = [{k: v[i:i + 2] for k, v in local.items()} for i in range(0, per, 2)]
             res = train_step(chunks, optimizer, mbs, len(mbs), spec.seq_length, 2, forward_step_func=step_fn)
             r[loss_kind] = {"loss": res.loss, "grad_norm": res.grad_norm, "final": gather_full_state_dict(chunks)}
+        r["gspo_rows"] = _gspo_response_rows_case(chunks[0], local)
         out[name] = r
     out["init"] = init
     return out
@@ -233,6 +249,16 @@ def test_function_matches_megatron_vocab_parallel_cross_entropy(results):
     # and the TP=2 losses equal the TP=1 ones
     for layout in ("tp2", "tp2_sp"):
         _close(results[0][layout]["function"][5]["chunked"][0], results[0]["tp1"]["function"][5]["chunked"][0])
+
+
+@pytest.mark.multirank
+def test_gspo_log_probs_from_response_rows_only(results):
+    for rank_results in results:
+        for layout in LAYOUTS:
+            case = rank_results[layout]["gspo_rows"]
+            mask = case["mask"]
+            assert case["n_rows"] == int(mask.sum()) < mask.numel()  # the projection ran on those rows only
+            _close(case["rows"], case["full"] * mask)
 
 
 @pytest.mark.multirank

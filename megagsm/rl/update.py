@@ -28,6 +28,7 @@ from megatron.core import parallel_state as ps
 
 from megagsm.models.training import run_schedule, train_step
 from megagsm.rl.batching import MiniBatch, comm_device
+from megagsm.models.output_rows import gpt_hidden_states, output_layer_rows, scatter_kept_rows, unwrap_gpt
 from megagsm.rl.logprobs import token_entropy, token_log_probs
 from megagsm.rl.losses import policy_loss
 
@@ -76,18 +77,36 @@ class MetricSums:
         return {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
 
 
-def _model_forward(batch: dict, model):
-    # vocab-parallel logits [b, s, V/tp] on the last stage, hidden states elsewhere
-    return model(batch["tokens"], batch["position_ids"], None)
+def _model_forward(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Last stage: (vocab-parallel logits [n, V/tp] of the n response positions, their rows in the
+    sequence-major [s * b] flattening): prompt and padding positions skip the output projection, as
+    every loss here is masked by response_mask. Other stages: (hidden states, None)."""
+    gpt = unwrap_gpt(model)
+    if not gpt.post_process:
+        return model(batch["tokens"], batch["position_ids"], None), None
+    hidden = gpt_hidden_states(model, batch["tokens"], batch["position_ids"], None)
+    return output_layer_rows(model, hidden, batch["response_mask"] > 0)
 
 
-def _logprob_loss(batch: dict, spec: LossSpec, key: str, sums: MetricSums | None, output: torch.Tensor):
-    log_prob = token_log_probs(output, batch["labels"], spec.temperature, spec.vocab_limit)
+def _per_position(values: torch.Tensor, kept: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[n] values of the response positions -> [b, s], 0 elsewhere."""
+    b, s = batch["labels"].shape
+    return scatter_kept_rows(values, kept, s * b).view(s, b).transpose(0, 1)
+
+
+def _response_log_probs(output: torch.Tensor, kept: torch.Tensor, batch: dict, spec: LossSpec) -> torch.Tensor:
+    labels = batch["labels"].transpose(0, 1).reshape(-1).index_select(0, kept)
+    return _per_position(token_log_probs(output, labels, spec.temperature, spec.vocab_limit), kept, batch)
+
+
+def _logprob_loss(batch: dict, spec: LossSpec, key: str, sums: MetricSums | None, kept: torch.Tensor,
+                  output: torch.Tensor):
+    log_prob = _response_log_probs(output, kept, batch, spec)
     batch[key] = log_prob.detach()
     mask = batch["response_mask"]
     tokens = mask.sum()
     if sums is not None:
-        entropy = token_entropy(output, spec.temperature, spec.vocab_limit)
+        entropy = _per_position(token_entropy(output, spec.temperature, spec.vocab_limit), kept, batch)
         sums.add("entropy", (entropy * mask).sum() / tokens.clamp(min=1), tokens)
         diff = ((log_prob.detach() - batch["gen_log_prob"]).abs() * mask).sum() / tokens.clamp(min=1)
         sums.add("logprob_diff_gen", diff, tokens)
@@ -96,7 +115,8 @@ def _logprob_loss(batch: dict, spec: LossSpec, key: str, sums: MetricSums | None
 
 def logprob_forward_step(data_iterator, model, *, spec: LossSpec, key: str, sums: MetricSums | None):
     batch = next(data_iterator)
-    return _model_forward(batch, model), partial(_logprob_loss, batch, spec, key, sums)
+    output, kept = _model_forward(batch, model)
+    return output, partial(_logprob_loss, batch, spec, key, sums, kept)
 
 
 @torch.no_grad()
@@ -134,14 +154,14 @@ def microbatch_loss(log_prob: torch.Tensor, batch: dict, spec: LossSpec, sums: M
     return loss, count.to(torch.int), {"lm_loss": report}
 
 
-def _gspo_loss(batch: dict, spec: LossSpec, sums: MetricSums, output: torch.Tensor):
-    log_prob = token_log_probs(output, batch["labels"], spec.temperature, spec.vocab_limit)
-    return microbatch_loss(log_prob, batch, spec, sums)
+def _gspo_loss(batch: dict, spec: LossSpec, sums: MetricSums, kept: torch.Tensor, output: torch.Tensor):
+    return microbatch_loss(_response_log_probs(output, kept, batch, spec), batch, spec, sums)
 
 
 def gspo_forward_step(data_iterator, model, *, spec: LossSpec, sums: MetricSums):
     batch = next(data_iterator)
-    return _model_forward(batch, model), partial(_gspo_loss, batch, spec, sums)
+    output, kept = _model_forward(batch, model)
+    return output, partial(_gspo_loss, batch, spec, sums, kept)
 
 
 @dataclass

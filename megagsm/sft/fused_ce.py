@@ -18,32 +18,26 @@ Peak extra memory: one chunk's logits plus the weight gradient (the plain path h
 
 megatron-core 0.16.1 has no linear+cross-entropy fusion (its `fused_vocab_parallel_cross_entropy`
 still takes full logits) and no GPTModel switch that returns hidden states on the last stage, so
-`gpt_hidden_states` runs GPTModel.forward with its post-processing turned off for the call (the
-decoder, final norm included, runs as usual; what is skipped is exactly the output layer + loss).
+`megagsm.models.output_rows.gpt_hidden_states` runs GPTModel.forward with its post-processing turned
+off for the call (the decoder, final norm included, runs as usual; what is skipped is exactly the
+output layer + loss).
 
 Use from a megatron schedule: `forward_step_func=chunked_lm_forward_step(chunk_size)` in place of
 `megagsm.models.training.lm_forward_step`; it returns the same per-token loss [b, s].
 """
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
 
-
-def _tp_group(tp_group):
-    if tp_group is not None:
-        return tp_group
-    if ps.model_parallel_is_initialized():
-        return ps.get_tensor_model_parallel_group()
-    return None
+from megagsm.models.output_rows import gpt_hidden_states, output_weight, scatter_kept_rows, unwrap_gpt
+from megagsm.models.output_rows import tp_group as _tp_group
 
 
 def _logits_grad_(probs, sum_exp, local_target, not_masked, scale):
@@ -170,26 +164,6 @@ def _common_scale(grad_loss, token_weights) -> float | None:
     return scale if torch.equal(grad_loss, token_weights * scale) else None
 
 
-class _ScatterTokenLosses(torch.autograd.Function):
-    """Losses of the kept tokens -> a loss per token, 0 for the skipped ones. Their losses were never
-    computed, so a gradient arriving for one of them would be silently dropped: the backward refuses it
-    (megatron's masked sum sends exactly 0 there)."""
-
-    @staticmethod
-    def forward(ctx, kept_losses, kept, n):
-        ctx.save_for_backward(kept)
-        return kept_losses.new_zeros(n).index_copy_(0, kept, kept_losses)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (kept,) = ctx.saved_tensors
-        kept_grad = grad.index_select(0, kept)
-        if torch.count_nonzero(grad) != torch.count_nonzero(kept_grad):
-            raise RuntimeError("a token with loss_mask 0 received a loss gradient, but its loss was not "
-                               "computed (loss_tokens_only=True); weight the losses by loss_mask")
-        return kept_grad, None, None
-
-
 def chunked_vocab_parallel_cross_entropy(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
@@ -247,52 +221,11 @@ def chunked_vocab_parallel_cross_entropy(
         kept_losses = _ChunkedVocabParallelCrossEntropy.apply(
             hidden.index_select(0, kept), output_weight, target.index_select(0, kept),
             token_weights.index_select(0, kept), chunk_size, group, need_hidden, need_weight)
-        loss = _ScatterTokenLosses.apply(kept_losses, kept, s * b)
+        loss = scatter_kept_rows(kept_losses, kept, s * b)
     else:
         loss = _ChunkedVocabParallelCrossEntropy.apply(hidden, output_weight, target, token_weights,
                                                        chunk_size, group, need_hidden, need_weight)
     return loss.view(s, b).transpose(0, 1).contiguous()
-
-
-def unwrap_gpt(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    from megatron.core.models.gpt import GPTModel
-
-    inner = model
-    while not isinstance(inner, GPTModel):
-        if not hasattr(inner, "module"):
-            raise TypeError(f"expected a (wrapped) megatron GPTModel, got {type(model).__name__}")
-        inner = inner.module
-    return inner
-
-
-@contextlib.contextmanager
-def _without_output_layer(gpt):
-    """GPTModel.forward returns the decoder's hidden states while active (see module docstring)."""
-    saved = gpt.post_process
-    gpt.post_process = False
-    try:
-        yield
-    finally:
-        gpt.post_process = saved
-
-
-def gpt_hidden_states(model, tokens, position_ids, attention_mask, **forward_kwargs) -> torch.Tensor:
-    """Decoder output [s, b, h] ([s/tp, b, h] with sequence parallelism) of a (wrapped) GPTModel,
-    without computing logits. Called through the wrappers so their hooks and casts still apply."""
-    gpt = unwrap_gpt(model)
-    if gpt.config.mtp_num_layers:
-        raise ValueError("train.loss=chunked does not support multi-token prediction layers")
-    with _without_output_layer(gpt):
-        return model(tokens, position_ids, attention_mask, **forward_kwargs)
-
-
-def output_weight(model) -> torch.Tensor:
-    """The output projection [V/tp, h] of the last stage (the embedding when weights are tied)."""
-    gpt = unwrap_gpt(model)
-    if gpt.share_embeddings_and_output_weights:
-        return gpt.shared_embedding_or_output_weight()
-    return gpt.output_layer.weight
 
 
 def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_size: int,
