@@ -28,6 +28,17 @@ def tp_group(group=None):
     return None
 
 
+def enter_output_layer(hidden: torch.Tensor, sequence_parallel: bool, group=None) -> torch.Tensor:
+    """The decoder output as megatron's ColumnParallelLinear output layer takes it in: the sequence
+    all-gather under sequence parallelism, else identity forward / gradient all-reduce; unchanged at TP1."""
+    group = tp_group(group)
+    if group is None or group.size() == 1:
+        return hidden
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden, True, group=group)
+    return copy_to_tensor_model_parallel_region(hidden, group=group)
+
+
 def unwrap_gpt(model):
     """The GPTModel inside DDP / Float16Module wrappers."""
     from megatron.core.models.gpt import GPTModel
@@ -104,10 +115,7 @@ def output_layer_rows(model, hidden: torch.Tensor, keep: torch.Tensor) -> tuple[
     region as megatron's output layer would take it (copy / sequence all-gather), then only the kept
     rows are multiplied: the output projection is skipped for the others."""
     gpt = unwrap_gpt(model)
-    group = tp_group(gpt.output_layer.tp_group)
-    if group is not None and group.size() > 1:
-        hidden = (gather_from_sequence_parallel_region(hidden, True, group=group)
-                  if gpt.output_layer.sequence_parallel else copy_to_tensor_model_parallel_region(hidden, group=group))
+    hidden = enter_output_layer(hidden, gpt.output_layer.sequence_parallel, gpt.output_layer.tp_group)
     weight = output_weight(model)
     s, b, h = hidden.shape
     kept = keep.transpose(0, 1).reshape(s * b).nonzero().squeeze(1)

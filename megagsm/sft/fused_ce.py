@@ -31,13 +31,10 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
 
-from megagsm.models.output_rows import gpt_hidden_states, output_weight, scatter_kept_rows, unwrap_gpt
-from megagsm.models.output_rows import tp_group as _tp_group
+from megagsm.models.output_rows import (enter_output_layer, gpt_hidden_states, output_weight,
+                                        scatter_kept_rows, unwrap_gpt)
+from megagsm.models.output_rows import tp_group as _tp_group  # the name tp_group is an argument here
 
 
 def _logits_grad_(probs, sum_exp, local_target, not_masked, scale):
@@ -193,13 +190,10 @@ def chunked_vocab_parallel_cross_entropy(
     other raises in the backward. TP ranks share the batch, so they skip the same rows."""
     if chunk_size < 1:
         raise ValueError(f"train.loss_chunk_size must be >= 1, got {chunk_size}")
+    hidden = enter_output_layer(hidden, sequence_parallel, tp_group)
     group = _tp_group(tp_group)
-    tp_size = group.size() if group is not None else 1
-    if tp_size > 1:
-        hidden = (gather_from_sequence_parallel_region(hidden, True, group=group)
-                  if sequence_parallel else copy_to_tensor_model_parallel_region(hidden, group=group))
-    elif tp_size == 1:
-        group = None
+    if group is not None and group.size() == 1:
+        group = None  # the Function skips its all-reduces
     s, b, h = hidden.shape
     if labels.shape != (b, s):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states [s={s}, b={b}]")
