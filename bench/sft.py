@@ -176,23 +176,14 @@ def hf_labels(mg_batch: dict) -> torch.Tensor:
     return labels
 
 
-def megagsm_forward_step():
-    """What `torchrun launch/train.py` runs for SFT with the default `train.loss`."""
-    from megagsm.config.train import TrainConfig
-    from megagsm.models.training import lm_forward_step
-    from megagsm.sft.fused_ce import chunked_lm_forward_step
-
-    train = TrainConfig()
-    return lm_forward_step if train.loss == "plain" else chunked_lm_forward_step(train.loss_chunk_size)
-
-
 def throughput(args) -> dict:
     from megagsm.config.train import TrainConfig
     from megagsm.models.training import train_step
+    from megagsm.sft.trainer import forward_step_hook
 
     shape, batch, seq = SHAPES[args.shape], args.batch, args.seq
     chunks, mg_opt, dtype, device = build_megagsm(shape, seq, args.dtype)
-    forward_step = megagsm_forward_step()
+    forward_step = forward_step_hook(TrainConfig())  # what launch/train.py runs for the default train.loss
     workloads = {"gsm8k_sft": gsm8k_sft_batch(batch, seq, shape["vocab"]),
                  "all_tokens": all_tokens_batch(batch, seq, shape["vocab"])}
     workloads = {name: {k: v.to(device) if v is not None else None for k, v in b.items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from typing import Any, Literal, Union
@@ -37,17 +36,10 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write to_yaml(cfg) to `path` atomically (temp file in the same dir, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(to_yaml(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from megagsm.utils.atomic import write_text_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, to_yaml(cfg))
 
 
 def _read_yaml(path: str) -> DictConfig:

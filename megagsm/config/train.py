@@ -42,3 +42,8 @@ class TrainConfig:
 
     def checkpoint_dir(self) -> str:
         return self.save_dir if self.save_dir is not None else os.path.join(self.output_dir, "checkpoints")
+
+    def due(self, interval: int, step: int) -> bool:
+        """Whether `step` is an eval/save step for `interval` (eval_interval, save_interval): every
+        `interval` steps (0: none) and always the last step."""
+        return bool(interval and step % interval == 0) or step == self.train_steps

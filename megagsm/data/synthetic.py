@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,15 +185,10 @@ def generate_splits(
 
 
 def _write_jsonl(path: Path, problems: list[Problem]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p in problems:
-                f.write(json.dumps({"question": p.question, "answer": p.answer}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from megagsm.utils.atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                                    for p in problems))
 
 
 def write_synthetic_dataset(

@@ -105,9 +105,7 @@ class GSPORun:
                                          self.scheduler)
             self.step, self.resumed_from = state.iteration, path
             log.info("resumed from %s at step %d", path, self.step)
-        dropped = self.metrics.rewind(self.step if path is not None else -1)
-        if dropped:
-            log.info("metrics.jsonl: dropped %d rows logged after step %d by an earlier launch", dropped, self.step)
+        self.metrics.rewind(self.step if path is not None else -1)  # one metrics row per step
 
     def prompt(self, index: int) -> list[int]:
         if index not in self._prompts:
@@ -225,7 +223,7 @@ class GSPORun:
         while self.step < t.train_steps:
             row = self.train_step()
             self.step += 1
-            if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.train_steps:
+            if t.due(t.eval_interval, self.step):
                 row.update(self.evaluate())
             self.metrics.log(PHASE, self.step, row)
             self.history[self.step] = row
@@ -236,7 +234,7 @@ class GSPORun:
                          "clipfrac %.4f, gen %.1fs update %.1fs", self.step, row["reward_mean"], row["reward_std"],
                          row["rollout_accuracy"], row["zero_std_groups"], row.get("entropy", float("nan")),
                          row.get("pg_clipfrac", float("nan")), row["time_generate"], row["time_update"])
-            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.train_steps:
+            if t.due(t.save_interval, self.step):
                 self.save()
         bar.close()
         return self.history

@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megagsm.utils.atomic import write_text_atomic
 from megagsm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -94,9 +95,10 @@ def check_optimizer_layout(path: str, saved: dict, current: dict) -> None:
     if not saved or not (saved.get("distributed_optimizer") or current.get("distributed_optimizer")):
         return
     keys = ("distributed_optimizer", "tp", "pp", "ep", "vpp")
-    differ = [k for k in keys if saved.get(k) != current.get(k)]
-    if differ:
-        fmt = lambda d: " ".join(f"{k}={d.get(k)}" for k in keys)  # noqa: E731
+    if any(saved.get(k) != current.get(k) for k in keys):
+        def fmt(layout):
+            return " ".join(f"{k}={layout.get(k)}" for k in keys)
+
         raise ValueError(
             f"checkpoint {path} holds optimizer state saved with {fmt(saved)}; this run has {fmt(current)}. "
             "Distributed-optimizer state is tied to the TP/PP/EP/VPP layout (DP may change): resume with "
@@ -153,15 +155,6 @@ def resolve_resume(resume: str, save_dir: str) -> str | None:
     if latest is None:
         raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint and holds none")
     return latest
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prune_checkpoints(save_dir: str, keep_last_n: int) -> list[str]:
@@ -307,12 +300,12 @@ def save_checkpoint(save_dir: str, trainer_state: TrainerState, model_chunks: li
             trainer_state.layout = optimizer_layout(optimizer)
         if write_extra is not None:
             write_extra(tmp)
-        _write_text_atomic(os.path.join(tmp, TRAINER_STATE_FILE),
+        write_text_atomic(os.path.join(tmp, TRAINER_STATE_FILE),
                            json.dumps(trainer_state.to_json(), indent=2, sort_keys=True) + "\n")
         if os.path.exists(final):  # re-saving the same iteration (e.g. final save after an interval save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(os.path.join(save_dir, LATEST_FILE), name + "\n")
+        write_text_atomic(os.path.join(save_dir, LATEST_FILE), name + "\n")
         removed = prune_checkpoints(save_dir, keep_last_n)
         log.info("saved checkpoint %s%s", final, f" (removed {', '.join(removed)})" if removed else "")
     _barrier()

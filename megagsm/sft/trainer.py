@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from megagsm.config import RunConfig, save_config
+from megagsm.config.train import TrainConfig
 from megagsm.models.builder import build_model
 from megagsm.models.training import build_optimizer, lm_forward_step, train_step, wrap_ddp
 from megagsm.runtime import init_runtime
@@ -54,12 +55,13 @@ def apply_lora_hook(chunks: list, cfg: RunConfig) -> list:
     return apply_lora(chunks, cfg.train.lora, seed=cfg.train.seed)
 
 
-def forward_step_hook(cfg: RunConfig):
-    if cfg.train.loss == "plain":
+def forward_step_hook(train: TrainConfig):
+    """The megatron forward_step_func for train.loss."""
+    if train.loss == "plain":
         return lm_forward_step
     from megagsm.sft.fused_ce import chunked_lm_forward_step  # branch `sftlora`
 
-    return chunked_lm_forward_step(cfg.train.loss_chunk_size)
+    return chunked_lm_forward_step(train.loss_chunk_size)
 
 
 class SFTRun:
@@ -78,7 +80,7 @@ class SFTRun:
         self.chunks = wrap_ddp(apply_lora_hook(built.chunks, cfg), cfg.parallel)
         self.optimizer = build_optimizer(self.chunks, optimizer_config(cfg.optim, cfg.parallel, self.dtype))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, t.train_steps)
-        self.forward_step = forward_step_hook(cfg)
+        self.forward_step = forward_step_hook(cfg.train)
 
         train_examples, self.held_out = load_examples(d)
         if t.eval_max_examples:
@@ -110,9 +112,7 @@ class SFTRun:
         elif self.cfg.model.load:
             ckpt.load_weights(self.cfg.model.load, self.chunks)
             log.info("initial weights from %s", self.cfg.model.load)
-        dropped = self.metrics.rewind(self.step if path is not None else -1)
-        if dropped:
-            log.info("metrics.jsonl: dropped %d rows logged after step %d by an earlier launch", dropped, self.step)
+        self.metrics.rewind(self.step if path is not None else -1)  # one metrics row per step
 
     # ------------------------------------------------------------------ evaluation
 
@@ -169,14 +169,14 @@ class SFTRun:
             if out.grad_norm is not None:
                 row["grad_norm"] = out.grad_norm
             self.result.losses[self.step] = out.loss
-            if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.train_steps:
+            if t.due(t.eval_interval, self.step):
                 row.update(self.evaluate())
             self.metrics.log(PHASE, self.step, row)
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # the bar's own pace
             if self.step % t.log_interval == 0:
                 log.debug("step %d loss %.4f lr %.3e grad_norm %s", self.step, out.loss, lr, out.grad_norm)
-            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.train_steps:
+            if t.due(t.save_interval, self.step):
                 self.save()
                 saved_at = self.step
         bar.close()

@@ -1,8 +1,10 @@
-"""Write a directory atomically: build it under `<out>.tmp-XXXX` beside `out`, rename when complete,
+"""Atomic writes. A directory: build it under `<out>.tmp-XXXX` beside `out`, rename when complete,
 remove the temp dir on any error. Collective when torch.distributed is up (every rank writes into
-the same temp dir; rank 0 creates and renames it), so a half-written `out` never exists."""
+the same temp dir; rank 0 creates and renames it), so a half-written `out` never exists. A text
+file: `write_text_atomic`."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -10,6 +12,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` (utf-8) to `path` through a temp file in the same directory, fsynced, then renamed
+    over `path`: a reader sees the old file or the whole new one; the temp file goes on any error."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _distributed() -> bool:

@@ -6,6 +6,7 @@ numeric value is a metric. Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -95,10 +96,11 @@ class MetricsWriter:
             if isinstance(row, dict) and int(row.get("step", 0)) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
         if len(kept) != len(lines):
-            fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=self.out_dir)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            from .atomic import write_text_atomic  # imports torch: only when rewriting
+
+            write_text_atomic(self.path, "".join(kept))
+            logging.getLogger(__name__).info("%s: dropped %d rows logged after step %d by an earlier launch",
+                                             self.path, len(lines) - len(kept), step)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
