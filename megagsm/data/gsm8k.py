@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
+from megagsm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["skip", "error"]
@@ -65,7 +67,7 @@ class BadRowReport:
         return "\n".join(lines)
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError):
     def __init__(self, report: BadRowReport):
         super().__init__(report.summary())
         self.report = report
