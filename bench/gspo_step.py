@@ -3,7 +3,7 @@
     python bench/gspo_step.py                         # ~20M Qwen2-shaped model, CPU, fp32, 1 process
     python bench/gspo_step.py --shape qwen2.5-0.5b    # Qwen2.5-0.5B-shaped (random weights; GPU: bf16)
 
-The step is `megagsm.rl.trainer.GSPORun.train_step`, the trainer's own: in-process sampling of
+The step is `megagsm.rl.gspo.GSPO.train_step`, the trainer's own: in-process sampling of
 `--prompts` x `--n` rollouts with the trainer's weights, GSM8K scoring, group advantages, the old
 log-prob pass and `--mini-batches` optimizer steps through megatron's schedules. Inputs: synthetic
 GSM8K-style problems (level 2) and a small BPE tokenizer trained on them (megagsm.demo); the model has
@@ -57,7 +57,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     from megagsm.config import load_config
     from megagsm.demo import DemoSpec, prepare_inputs
-    from megagsm.rl.trainer import GSPORun
+    from megagsm.rl.gspo import GSPO
+    from megagsm.train import Trainer
     from megagsm.runtime import shutdown_runtime
 
     hidden, layers, heads, kv, ffn, vocab, tied = SHAPES[args.shape]
@@ -78,15 +79,11 @@ def main(argv=None):
             f"algorithm.gspo.n_rollouts={args.n}", f"algorithm.gspo.prompts_per_step={args.prompts}",
             f"algorithm.gspo.mini_batches={args.mini_batches}", "algorithm.gspo.filter_zero_std_groups=false",
         ])
-        run = GSPORun(cfg)
+        run = Trainer(cfg, GSPO)
         run.restore()
         params_m = sum(p.numel() for c in run.chunks for p in c.parameters()) / 1e6
-        run.train_step()  # warm-up
-        run.step += 1
-        rows = []
-        for _ in range(args.steps):
-            rows.append(run.train_step())
-            run.step += 1
+        run.algorithm.train_step(0)  # warm-up
+        rows = [run.algorithm.train_step(step) for step in range(1, args.steps + 1)]
         run.metrics.close()
         shutdown_runtime()
     best = min(rows, key=lambda r: r["step_time"])

@@ -68,10 +68,10 @@ def build_megagsm(shape: dict, seq: int, dtype: str):
     from megagsm.config.model import ModelConfig
     from megagsm.config.optim import OptimConfig
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.models.builder import build_model
+    from megagsm.train.model import build_model
     from megagsm.models.training import build_optimizer, wrap_ddp
     from megagsm.runtime import init_runtime
-    from megagsm.sft.optim import optimizer_config
+    from megagsm.train.optim import optimizer_config
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
     info = init_runtime(parallel, seed=0)
@@ -179,11 +179,11 @@ def hf_labels(mg_batch: dict) -> torch.Tensor:
 def throughput(args) -> dict:
     from megagsm.config.train import TrainConfig
     from megagsm.models.training import train_step
-    from megagsm.sft.trainer import forward_step_hook
+    from megagsm.sft.step import sft_forward_step
 
     shape, batch, seq = SHAPES[args.shape], args.batch, args.seq
     chunks, mg_opt, dtype, device = build_megagsm(shape, seq, args.dtype)
-    forward_step = forward_step_hook(TrainConfig())  # what launch/train.py runs for the default train.loss
+    forward_step = sft_forward_step(TrainConfig())  # what launch/train.py runs for the default train.loss
     workloads = {"gsm8k_sft": gsm8k_sft_batch(batch, seq, shape["vocab"]),
                  "all_tokens": all_tokens_batch(batch, seq, shape["vocab"])}
     workloads = {name: {k: v.to(device) if v is not None else None for k, v in b.items()}

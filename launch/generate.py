@@ -113,8 +113,8 @@ def tokenize(records, tokenizer, chat: bool) -> list[list[int]]:
 def load_model(args, parallel, dtype):
     """The converter's provider API: HF config + tokenizer from CKPT/hf, weights from CKPT."""
     from megagsm.models.errors import ModelInputError
-    from megagsm.models.provider import (build_model_from_hf_config, load_hf_config,
-                                         load_mcore_checkpoint, load_tokenizer, provider_for)
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config, load_tokenizer, provider_for
 
     try:
         hf_config = load_hf_config(args.load)

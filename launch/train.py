@@ -38,17 +38,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def dispatch(cfg) -> None:
-    if cfg.algorithm.name == "sft":
-        from megagsm.sft.trainer import run_sft
+    """algorithm.name -> the algorithm the shared trainer runs (megagsm.train.Trainer)."""
+    from megagsm.train import Trainer
 
-        run_sft(cfg)
-        return
-    try:
-        from megagsm.rl import run_gspo
-    except ImportError:
-        raise SystemExit(f"algorithm.name={cfg.algorithm.name!r}: the GSPO trainer (megagsm.rl.run_gspo) "
-                         "is not in this checkout yet; available: sft") from None
-    run_gspo(cfg)
+    if cfg.algorithm.name == "sft":
+        from megagsm.sft.step import SFT as algorithm
+    else:
+        from megagsm.rl.gspo import GSPO as algorithm
+    Trainer(cfg, algorithm).fit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megagsm.runtime import shutdown_runtime
 
-    try:
-        dispatch(cfg)
-    except ConfigError as e:  # found once the model or data are read (e.g. sizes in hf_dir)
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    from megagsm.errors import exit_on_user_error
+
+    def run() -> int:
+        dispatch(cfg)  # user errors found once the model or data are read (e.g. sizes in hf_dir)
+        return 0
+
+    status = exit_on_user_error(run)
+    if status:
+        return status
     shutdown_runtime()  # not on failure: the barrier inside would wait for ranks that are gone
     return 0
 

@@ -7,8 +7,7 @@ Steps (outputs under runs/demo/):
 3. sft/: `torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/sft_demo_cpu.yaml`,
    which writes metrics.jsonl (phase "sft": step, loss, val_loss and accuracy when evaluated),
    sft_metrics.png, checkpoints/ and, when the converters are installed, the HF export hf/,
-4. gspo/: GSPO from the SFT checkpoint, same model, 2 processes (megagsm.rl.demo,
-   launch/recipes/gspo_demo_cpu.yaml): metrics.jsonl (phase "gspo": step, reward_mean, accuracy, ...),
+4. gspo/: GSPO from the SFT checkpoint, same model, 2 processes (launch/recipes/gspo_demo_cpu.yaml): metrics.jsonl (phase "gspo": step, reward_mean, accuracy, ...),
    reward_curve.png, gspo_metrics.png, checkpoints/,
 5. prints the held-out accuracy (greedy decoding, exact final answer) before and after SFT and GSPO,
    and the mean rollout reward at the start and end of GSPO.
@@ -26,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_RECIPE = REPO / "launch" / "recipes" / "sft_demo_cpu.yaml"
+GSPO_RECIPE = REPO / "launch" / "recipes" / "gspo_demo_cpu.yaml"
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 
 
@@ -102,6 +102,44 @@ def accuracy_before_after(metrics_path: str, phase: str) -> tuple[float | None, 
     return rows[0]["accuracy"], rows[-1]["accuracy"]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize_gspo(metrics_path: str, window: int = 5) -> dict:
+    """Held-out accuracy at the first and last evaluation, mean reward over the first and last
+    `window` steps (one step's reward is a noisy estimate)."""
+    from megagsm.utils.metrics import read_metrics
+
+    rows = sorted(read_metrics(metrics_path, "gspo"), key=lambda r: r["step"])
+    acc = [r for r in rows if "accuracy" in r]
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    return {"accuracy_before": acc[0]["accuracy"] if acc else None,
+            "accuracy_after": acc[-1]["accuracy"] if acc else None,
+            "reward_first": _mean(rewards[:window]), "reward_last": _mean(rewards[-window:]),
+            "steps": len(rewards)}
+
+
+def run_gspo_phase(root: Path, inputs: dict, sft_dir: Path, nproc: int, overrides: list[str] = ()) -> tuple[int, dict]:
+    """GSPO from the SFT run's newest checkpoint (model.load), same data, tokenizer and model shape.
+    Returns (exit code, summary)."""
+    from megagsm.utils.metrics import plot_metrics
+
+    gspo_dir = root / "gspo"
+    args = [f"model.hf_dir={inputs['base']}", f"model.load={sft_dir / 'checkpoints'}",
+            f"data.train_path={inputs['train']}", f"data.eval_path={inputs['test']}",
+            f"train.output_dir={gspo_dir}", *overrides]
+    rc = torchrun(nproc, GSPO_RECIPE, args)
+    metrics = gspo_dir / "metrics.jsonl"
+    if rc != 0 or not metrics.exists():
+        return rc or 1, {}
+    summary = summarize_gspo(str(metrics))
+    summary["reward_curve"] = plot_metrics(str(metrics), str(gspo_dir / "reward_curve.png"),
+                                           ["reward_mean", "accuracy"], phase="gspo")
+    summary["metrics"] = str(metrics)
+    return 0, summary
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -138,11 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     before, after = accuracy_before_after(str(sft_dir / "metrics.jsonl"), "sft")
     gspo = {}
     if not args.no_gspo:
-        from megagsm.rl.demo import run_phase
-
         print(f"[demo] 3/{total} GSPO from the SFT checkpoint: same model, rollouts sampled in-process, "
               "2 processes (data parallel)", flush=True)
-        rc, gspo = run_phase(root, inputs, sft_dir, args.nproc, torchrun, args.gspo)
+        rc, gspo = run_gspo_phase(root, inputs, sft_dir, args.nproc, args.gspo)
         if rc != 0:
             print(f"[demo] GSPO failed (exit {rc})", file=sys.stderr)
             return rc

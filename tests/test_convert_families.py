@@ -53,12 +53,8 @@ def _convert_and_load(cases, tokens):
     from megagsm.checkpoint.hf_to_mcore import convert_hf_to_mcore
     from megagsm.config.parallel import ParallelConfig
     from megagsm.models.forward import forward_logits
-    from megagsm.models.provider import (
-        build_model_from_hf_config,
-        load_hf_config,
-        load_mcore_checkpoint,
-        save_mcore_checkpoint,
-    )
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint, save_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config
     from megagsm.runtime import init_runtime
 
     out = {}

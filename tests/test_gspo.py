@@ -15,6 +15,7 @@ Adam state, LR schedule and RNG come from the checkpoint).
 """
 import math
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -43,13 +44,25 @@ def _spec():
                        ffn_hidden_size=64, vocab_size=128, seq_length=32)
 
 
-# name: (loss mode, aggregation, filter zero-std groups, prompts, n, mini-batches, epochs, clip, temperature, vocab limit)
+class Case(NamedTuple):
+    mode: str                   # loss mode
+    agg: str                    # loss aggregation
+    filter_zero_std: bool
+    prompts: int
+    n: int                      # rollouts per prompt
+    mini_batches: int
+    epochs: int
+    clip: tuple[float, float]   # (low, high)
+    temperature: float
+    vocab_limit: int | None
+
+
 CASES = {
-    "gspo": ("gspo", "seq-mean-token-mean", True, 8, 4, 2, 2, (3e-4, 4e-4), 1.0, None),
-    "gspo_wide_clip": ("gspo", "seq-mean-token-mean", False, 8, 4, 2, 1, (0.02, 0.03), 0.7, 100),
-    "grpo_token_mean": ("grpo", "token-mean", True, 4, 4, 1, 2, (0.2, 0.28), 1.0, None),
-    "gspo_token_norm": ("gspo_token", "seq-mean-token-sum-norm", False, 4, 4, 2, 1, (0.01, 0.01), 1.0, 100),
-    "on_policy": ("gspo", "seq-mean-token-mean", False, 4, 4, 1, 1, (3e-4, 4e-4), 1.0, None),
+    "gspo": Case("gspo", "seq-mean-token-mean", True, 8, 4, 2, 2, (3e-4, 4e-4), 1.0, None),
+    "gspo_wide_clip": Case("gspo", "seq-mean-token-mean", False, 8, 4, 2, 1, (0.02, 0.03), 0.7, 100),
+    "grpo_token_mean": Case("grpo", "token-mean", True, 4, 4, 1, 2, (0.2, 0.28), 1.0, None),
+    "gspo_token_norm": Case("gspo_token", "seq-mean-token-sum-norm", False, 4, 4, 2, 1, (0.01, 0.01), 1.0, 100),
+    "on_policy": Case("gspo", "seq-mean-token-mean", False, 4, 4, 1, 1, (3e-4, 4e-4), 1.0, None),
 }
 
 
@@ -58,8 +71,8 @@ def _fixed_rollouts(case, dp_rank, dp_size):
     from megagsm.rl.batching import Rollouts
     from megagsm.rl.rollout import rank_share
 
-    _, _, _, P, n, M, _, _, _, vocab_limit = case
-    top = vocab_limit or 128
+    P, n, M = case.prompts, case.n, case.mini_batches
+    top = case.vocab_limit or 128
     g = torch.Generator().manual_seed(11)
     prompts, responses, rewards = [], [], []
     for p in range(P):
@@ -83,17 +96,16 @@ def _update_all(layouts: dict, micro_batch_size: int, init_state):
 
     from megagsm.models.training import build_optimizer, wrap_ddp
     from megagsm.rl.batching import build_minibatches, compute_advantages
-    from megagsm.rl.trainer import UPDATE_METRICS
-    from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy
+    from megagsm.models.training import sequence_length_multiple
+    from megagsm.rl.gspo import UPDATE_METRICS
+    from megagsm.rl.update import LossSpec, compute_log_probs, update_policy, with_log_probs
     from megagsm.runtime import init_runtime
     from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
-    from megagsm.sft.data import length_multiple
     from megagsm.testing.parity import tiny_gpt_model
 
     out = {}
     for lname, parallel in layouts.items():
         for cname, case in CASES.items():
-            mode, agg, filt, P, n, M, epochs, (lo, hi), temperature, vocab_limit = case
             info = init_runtime(parallel, seed=5)
             chunks = tiny_gpt_model(_spec(), parallel)
             init = None
@@ -106,19 +118,20 @@ def _update_all(layouts: dict, micro_batch_size: int, init_state):
                 optimizer="adam", lr=1e-3, weight_decay=0.1, clip_grad=1.0, adam_eps=1e-4,
                 use_distributed_optimizer=parallel.use_distributed_optimizer))
             rollouts = _fixed_rollouts(case, info.dp_rank, info.dp_size)
-            advantages = compute_advantages(rollouts, filter_zero_std_groups=filt)
-            minibatches = build_minibatches(rollouts, advantages, M, micro_batch_size, length_multiple(parallel))
-            spec = LossSpec(mode, lo, hi, agg, 0.0, temperature, vocab_limit, 12.0)
-            sums = MetricSums()
-            for mb in minibatches:  # the sampler's log-probs are unknown here
-                for batch in mb.microbatches:
-                    batch["gen_log_prob"].zero_()
-            compute_log_probs(chunks, minibatches, spec, "old_log_prob", sums)
-            result = update_policy(chunks, optimizer, minibatches, spec, epochs, sums)
+            advantages = compute_advantages(rollouts, filter_zero_std_groups=case.filter_zero_std)
+            minibatches = build_minibatches(rollouts, advantages, case.mini_batches, micro_batch_size,
+                                            sequence_length_multiple(parallel))
+            spec = LossSpec(mode=case.mode, clip_ratio_low=case.clip[0], clip_ratio_high=case.clip[1],
+                            loss_agg_mode=case.agg, temperature=case.temperature, vocab_limit=case.vocab_limit,
+                            norm=12.0)
+            # (the sampler's log-probs are unknown here: build_minibatches leaves them zero)
+            old = compute_log_probs(chunks, minibatches, spec, with_metrics=True)
+            result = update_policy(chunks, optimizer, with_log_probs(minibatches, old, "old_log_prob"), spec,
+                                   case.epochs)
             out[(lname, cname)] = {
                 "init": init, "final": gather_full_state_dict(chunks, dst=0), "losses": result.losses,
                 "grad_norms": result.grad_norms, "updates": result.updates, "skipped": result.skipped,
-                "metrics": sums.reduce(UPDATE_METRICS),
+                "metrics": old.metrics.merged(result.metrics).reduce(UPDATE_METRICS),
                 "microbatches": [len(mb.microbatches) for mb in minibatches],
                 "local": [mb.local_sequences for mb in minibatches]}
     return out
@@ -180,8 +193,10 @@ def _config(inputs, out_dir, overrides):
 
 
 def _e2e_launch(inputs, root):
-    from megagsm.rl.trainer import run_gspo
+    from megagsm.rl import run_gspo
+    from megagsm.rl.gspo import GSPO
     from megagsm.runtime.sharded import gather_full_state_dict
+    from megagsm.train import Trainer
     from megagsm.utils.metrics import read_metrics
 
     out = {}
@@ -192,11 +207,12 @@ def _e2e_launch(inputs, root):
                   "rows": read_metrics(os.path.join(root, "tp2", "metrics.jsonl")),
                   "png": os.path.exists(os.path.join(root, "tp2", "gspo_metrics.png"))}
     dp = ["parallel.use_distributed_optimizer=true", "train.save_interval=1", "algorithm.gspo.kl_coef=0.05"]
-    full = run_gspo(_config(inputs, os.path.join(root, "full"), dp))
-    out["full"] = {"history": full.history, "params": gather_full_state_dict(full.chunks, dst=0)}
+    full = Trainer(_config(inputs, os.path.join(root, "full"), dp), GSPO)
+    out["full"] = {"history": full.fit().history, "params": gather_full_state_dict(full.chunks, dst=0)}
     run_gspo(_config(inputs, os.path.join(root, "resumed"), dp + ["train.train_steps=2"]))
-    resumed = run_gspo(_config(inputs, os.path.join(root, "resumed"), dp + ["train.resume=auto"]))
-    out["resumed"] = {"history": resumed.history, "from": resumed.resumed_from,
+    resumed = Trainer(_config(inputs, os.path.join(root, "resumed"), dp + ["train.resume=auto"]), GSPO)
+    result = resumed.fit()
+    out["resumed"] = {"history": result.history, "from": result.resumed_from,
                       "params": gather_full_state_dict(resumed.chunks, dst=0)}
     return out
 
@@ -311,7 +327,7 @@ def test_resume_repeats_the_uninterrupted_run(launches):
 # ---------------------------------------------------------------- learning signal (slow)
 
 def _learning_launch(inputs, root):
-    from megagsm.rl.trainer import run_gspo
+    from megagsm.rl import run_gspo
 
     run = run_gspo(_config(inputs, os.path.join(root, "learn"), [
         "train.train_steps=20", "train.micro_batch_size=16", "optim.lr=5e-3", "optim.adam_eps=1e-8",

@@ -54,7 +54,7 @@ def _worker(spec, layouts):
     from megagsm.models.training import build_optimizer, train_step, wrap_ddp
     from megagsm.runtime import init_runtime
     from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
-    from megagsm.sft.lora import apply_lora, lora_parameters, merge_lora
+    from megagsm.models.lora import apply_lora, lora_parameters, merge_lora
     from megagsm.testing.parity import tiny_gpt_model
 
     data = ParityData(global_batch=4, micro_batch_size=2)

@@ -61,7 +61,8 @@ def moe_run(tmp_path_factory):
 
 def _factory(ckpt, spec, parallel):
     """Parity-harness model factory: the converted checkpoint at this layout."""
-    from megagsm.models.provider import build_model_from_hf_config, load_hf_config, load_mcore_checkpoint
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config
 
     chunks = build_model_from_hf_config(load_hf_config(ckpt), parallel)
     load_mcore_checkpoint(chunks, ckpt)
@@ -76,12 +77,8 @@ def _in_ranks(root, tokens):
     from megagsm.checkpoint.safetensors_io import SafetensorsDir
     from megagsm.config.parallel import ParallelConfig
     from megagsm.models.forward import forward_logits
-    from megagsm.models.provider import (
-        build_model_from_hf_config,
-        load_hf_config,
-        load_mcore_checkpoint,
-        save_mcore_checkpoint,
-    )
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint, save_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config
     from megagsm.runtime import init_runtime
     from megagsm.runtime.sharded import gather_full_state_dict
     from megagsm.testing.parity import ParityData, TinyGPTSpec, train_layouts

@@ -39,7 +39,8 @@ def _variants_in_ranks(root, names, tokens):
     from checkpoints_tools import cli
     from megagsm.config.parallel import ParallelConfig
     from megagsm.models.forward import forward_logits
-    from megagsm.models.provider import build_model_from_hf_config, load_hf_config, load_mcore_checkpoint
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config
     from megagsm.runtime import init_runtime
 
     out = {}

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from megagsm.sft import checkpoint as ck
+from megagsm.checkpoint import manager as ck
 
 
 def _fake_checkpoint(save_dir, iteration, complete=True, tmp=False):

@@ -71,25 +71,29 @@ class _Killed(Exception):
 
 
 def _first_launch(inputs, root):
-    from megagsm.sft import checkpoint as ck
-    from megagsm.sft import trainer
+    from megagsm.checkpoint import manager as ck
+    from megagsm.sft import run_sft
+    from megagsm.sft.step import SFT
+    from megagsm.train import Trainer
     from megagsm.utils.metrics import read_metrics
 
     out = {}
     for name, overrides in {**LAYOUTS, **LORA_LAYOUTS}.items():
         cfg = _config(inputs, os.path.join(root, name), overrides)
-        result = trainer.run_sft(cfg)
+        result = run_sft(cfg)
         rows = read_metrics(os.path.join(root, name, "metrics.jsonl")) if os.path.exists(
             os.path.join(root, name, "metrics.jsonl")) else []
-        out[name] = {"losses": [result.losses[s] for s in sorted(result.losses)], "accuracy": result.accuracy,
+        losses = result.metric("loss")
+        out[name] = {"losses": [losses[s] for s in sorted(losses)], "accuracy": result.metric("accuracy"),
                      "checkpoint": result.checkpoint, "rows": rows}
 
-    uninterrupted = trainer.run_sft(_config(inputs, os.path.join(root, "full"), RESUME))
-    out["full"] = [uninterrupted.losses[s] for s in sorted(uninterrupted.losses)]
+    uninterrupted = run_sft(_config(inputs, os.path.join(root, "full"), RESUME)).metric("loss")
+    out["full"] = [uninterrupted[s] for s in sorted(uninterrupted)]
 
     # the same run, killed while fetching the data of step KILL_AFTER_STEP + 1
-    killed = trainer.SFTRun(_config(inputs, os.path.join(root, "killed"), RESUME))
-    next_step = killed.stream.next_step
+    killed = Trainer(_config(inputs, os.path.join(root, "killed"), RESUME), SFT)
+    stream = killed.algorithm.stream
+    next_step = stream.next_step
     calls = {"n": 0}
 
     def dying_next_step():
@@ -98,11 +102,12 @@ def _first_launch(inputs, root):
             raise _Killed()
         return next_step()
 
-    killed.stream.next_step = dying_next_step
+    stream.next_step = dying_next_step
     with pytest.raises(_Killed):
-        killed.train()
-    out["killed"] = [killed.result.losses[s] for s in sorted(killed.result.losses)]
-    save_dir = killed.save_dir
+        killed.fit()
+    killed_losses = killed.result.metric("loss")
+    out["killed"] = [killed_losses[s] for s in sorted(killed_losses)]
+    save_dir = killed.checkpoints.save_dir
     import torch.distributed as dist
 
     if dist.get_rank() == 0:  # a save of step 5 that died half-way: renamed never, must be ignored
@@ -116,20 +121,21 @@ def _first_launch(inputs, root):
 
 
 def _second_launch(inputs, root):
-    from megagsm.sft import trainer
-
+    from megagsm.sft import run_sft
+    from megagsm.sft.step import SFT
+    from megagsm.train import Trainer
     from megagsm.utils.metrics import read_metrics
 
-    resumed = trainer.run_sft(_config(inputs, os.path.join(root, "killed"), RESUME + ["train.resume=auto"]))
+    resumed = run_sft(_config(inputs, os.path.join(root, "killed"), RESUME + ["train.resume=auto"]))
     rows = read_metrics(os.path.join(root, "killed", "metrics.jsonl"))
     # distributed-optimizer state cannot follow a TP change: a clear error before megatron's own
     try:
-        trainer.SFTRun(_config(inputs, os.path.join(root, "killed_tp2"), RESUME + [
-            f"train.save_dir={os.path.join(root, 'killed', 'checkpoints')}", "parallel.tp=2"])).restore()
+        Trainer(_config(inputs, os.path.join(root, "killed_tp2"), RESUME + [
+            f"train.save_dir={os.path.join(root, 'killed', 'checkpoints')}", "parallel.tp=2"]), SFT).restore()
         tp2_error = None
     except ValueError as e:
         tp2_error = str(e)
-    return {"losses": resumed.losses, "resumed_from": resumed.resumed_from, "rows": rows,
+    return {"losses": resumed.metric("loss"), "resumed_from": resumed.resumed_from, "rows": rows,
             "tp2_resume_error": tp2_error,
             "checkpoints": sorted(os.listdir(os.path.join(root, "killed", "checkpoints")))}
 

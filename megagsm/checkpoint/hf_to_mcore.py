@@ -24,7 +24,8 @@ from megagsm.checkpoint.safetensors_io import SafetensorsDir
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.mapping import Dims, WeightRule, pieces
-from megagsm.models.mcore_checkpoint import HF_SUBDIR, copy_hf_side_files, write_manifest
+from megagsm.checkpoint.manifest import copy_hf_side_files, write_manifest
+from megagsm.models.hf_config import HF_SUBDIR
 from megagsm.models.provider import ModelProvider, load_hf_config, provider_for
 from megagsm.utils.atomic import atomic_dir
 

@@ -19,7 +19,7 @@ from megagsm.checkpoint.dcp_io import DcpReader
 from megagsm.checkpoint.safetensors_io import ShardedSafetensorsWriter
 from megagsm.models.errors import ModelInputError
 from megagsm.models.mapping import WeightRule, split
-from megagsm.models.mcore_checkpoint import copy_hf_side_files
+from megagsm.checkpoint.manifest import copy_hf_side_files
 from megagsm.models.provider import ModelProvider, hf_files_dir, load_hf_config, provider_for
 from megagsm.utils.atomic import atomic_dir
 

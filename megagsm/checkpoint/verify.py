@@ -8,7 +8,8 @@ import torch.distributed as dist
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.forward import forward_logits
-from megagsm.models.provider import load_hf_config, load_mcore_checkpoint, provider_for
+from megagsm.checkpoint.model_weights import load_mcore_checkpoint
+from megagsm.models.provider import load_hf_config, provider_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # default pass/fail bound on max |logit diff|: fp32 parity is ~1e-6 on small models; deep models and

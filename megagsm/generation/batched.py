@@ -7,6 +7,7 @@ from megatron.core import parallel_state as ps
 
 from megagsm.generation.engine import GenerationOutput, generate
 from megagsm.generation.sampling import SamplingParams
+from megagsm.runtime.collectives import reduce_numbers
 
 
 def generate_batched(
@@ -24,9 +25,8 @@ def generate_batched(
     per_group = max(1, max_batch_size // params.n)
     groups = [prompts_token_ids[i: i + per_group] for i in range(0, len(prompts_token_ids), per_group)]
     if dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
-        count = torch.tensor([len(groups)], dtype=torch.long)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        groups += [[] for _ in range(int(count) - len(groups))]
+        count = int(reduce_numbers([len(groups)], "max")[0])
+        groups += [[] for _ in range(count - len(groups))]
     outputs = [generate(model, g, params, tokenizer, **kwargs) for g in groups]
     return concat_outputs(outputs, [len(g) for g in groups], kwargs.get("pad_token_id", 0))
 

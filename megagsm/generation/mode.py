@@ -6,9 +6,11 @@ import contextlib
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from megagsm.models.gpt import unwrap_model
+
 
 def unwrap(model):
-    """The GPTModel inside a list of chunks / DDP / Float16Module wrappers."""
+    """The GPTModel of a one-chunk list or a (wrapped) chunk: generation runs one chunk per rank."""
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
             raise ValueError(
@@ -16,9 +18,7 @@ def unwrap(model):
                 "stages are not supported by megatron's inference path: set parallel.vpp=None)"
             )
         model = model[0]
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    return unwrap_model(model)
 
 
 @contextlib.contextmanager

@@ -58,3 +58,13 @@ def build_model_chunks(
     if vpp is None or vpp == 1:
         return [build_gpt_model(config, arch, layer_spec_fn=layer_spec_fn)]
     return [build_gpt_model(config, arch, vp_stage=i, layer_spec_fn=layer_spec_fn) for i in range(vpp)]
+
+
+def unwrap_model(model) -> GPTModel:
+    """The GPTModel inside DDP / Float16Module wrappers (one chunk, not a list)."""
+    inner = model
+    while not isinstance(inner, GPTModel):
+        if not hasattr(inner, "module"):
+            raise TypeError(f"expected a (wrapped) megatron GPTModel, got {type(model).__name__}")
+        inner = inner.module
+    return inner

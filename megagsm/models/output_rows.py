@@ -18,6 +18,8 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
+from megagsm.models.gpt import unwrap_model
+
 
 def tp_group(group=None):
     """The given group, else megatron's tensor-parallel group (None before parallel_state exists)."""
@@ -39,18 +41,6 @@ def enter_output_layer(hidden: torch.Tensor, sequence_parallel: bool, group=None
     return copy_to_tensor_model_parallel_region(hidden, group=group)
 
 
-def unwrap_gpt(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    from megatron.core.models.gpt import GPTModel
-
-    inner = model
-    while not isinstance(inner, GPTModel):
-        if not hasattr(inner, "module"):
-            raise TypeError(f"expected a (wrapped) megatron GPTModel, got {type(model).__name__}")
-        inner = inner.module
-    return inner
-
-
 @contextlib.contextmanager
 def _without_output_layer(gpt):
     """GPTModel.forward returns the decoder's hidden states while active (see module docstring)."""
@@ -65,7 +55,7 @@ def _without_output_layer(gpt):
 def gpt_hidden_states(model, tokens, position_ids, attention_mask, **forward_kwargs) -> torch.Tensor:
     """Decoder output [s, b, h] ([s/tp, b, h] with sequence parallelism) of a (wrapped) GPTModel,
     without computing logits. Called through the wrappers so their hooks and casts still apply."""
-    gpt = unwrap_gpt(model)
+    gpt = unwrap_model(model)
     if gpt.config.mtp_num_layers:
         raise ValueError("the output layer on selected tokens (train.loss=chunked, GSPO) does not support "
                          "multi-token prediction layers (mtp_num_layers)")
@@ -75,7 +65,7 @@ def gpt_hidden_states(model, tokens, position_ids, attention_mask, **forward_kwa
 
 def output_weight(model) -> torch.Tensor:
     """The output projection [V/tp, h] of the last stage (the embedding when weights are tied)."""
-    gpt = unwrap_gpt(model)
+    gpt = unwrap_model(model)
     if gpt.share_embeddings_and_output_weights:
         return gpt.shared_embedding_or_output_weight()
     return gpt.output_layer.weight
@@ -114,7 +104,7 @@ def output_layer_rows(model, hidden: torch.Tensor, keep: torch.Tensor) -> tuple[
     stage, and their row indices in the [s * b] (sequence-major) flattening. The input enters the TP
     region as megatron's output layer would take it (copy / sequence all-gather), then only the kept
     rows are multiplied: the output projection is skipped for the others."""
-    gpt = unwrap_gpt(model)
+    gpt = unwrap_model(model)
     hidden = enter_output_layer(hidden, gpt.output_layer.sequence_parallel, gpt.output_layer.tp_group)
     weight = output_weight(model)
     s, b, h = hidden.shape

@@ -4,7 +4,7 @@ checkpoints made self-describing (they carry the HF config and tokenizer files).
 Trainers use:
     hf = load_hf_config(path)                       # HF model dir or megagsm checkpoint dir
     chunks = build_model_from_hf_config(hf, parallel, torch.bfloat16)
-    load_mcore_checkpoint(chunks, ckpt_dir)
+    load_mcore_checkpoint(chunks, ckpt_dir)          # megagsm.checkpoint.model_weights
     tokenizer = load_tokenizer(ckpt_dir)
 Logits come out over the padded vocabulary (a multiple of 128 * tp, as megatron pads); only the
 first `provider.vocab_size` columns are real: slice them off before softmax/argmax/sampling.
@@ -27,10 +27,6 @@ from megagsm.layers.spec import decoder_block_spec
 from megagsm.models.gpt import GPTArchitecture, build_model_chunks
 from megagsm.models.hf_config import hf_files_dir, load_hf_config  # noqa: F401  (part of the API)
 from megagsm.models.mapping import Dims, WeightMap
-from megagsm.models.mcore_checkpoint import (  # noqa: F401  (re-exported for trainers)
-    load_mcore_checkpoint,
-    save_mcore_checkpoint,
-)
 from megagsm.models.registry import family_for
 from megagsm.models.training import parallel_fields
 
@@ -202,5 +198,5 @@ def build_model_from_hf_config(
     **overrides,
 ) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage) for an HF config. Weights are
-    randomly initialised: load them with load_mcore_checkpoint."""
+    randomly initialised: load them with megagsm.checkpoint.model_weights.load_mcore_checkpoint."""
     return provider_for(hf_config).build(parallel, dtype, **overrides)

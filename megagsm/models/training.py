@@ -8,19 +8,19 @@ TP/PP/EP/DP layout and any split into microbatches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megagsm.config.parallel import ParallelConfig
+from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, reduce_tensor
 
 
 def parallel_fields(parallel: ParallelConfig) -> dict:
@@ -35,6 +35,17 @@ def parallel_fields(parallel: ParallelConfig) -> dict:
         # megatron rejects sequence parallelism without tensor parallelism
         sequence_parallel=parallel.sequence_parallel_active,
     )
+
+
+def sequence_length_multiple(parallel: ParallelConfig) -> int:
+    """Sequence lengths must divide by tp under sequence parallelism and by 2*cp under context
+    parallelism; 8 keeps matmul shapes friendly."""
+    multiple = 8
+    if parallel.sequence_parallel_active:
+        multiple = math.lcm(multiple, parallel.tp)
+    if parallel.cp > 1:
+        multiple = math.lcm(multiple, 2 * parallel.cp)
+    return multiple
 
 
 def wrap_ddp(model_chunks: list, parallel: ParallelConfig, grad_reduce_in_fp32: bool = True) -> list:
@@ -117,21 +128,18 @@ class StepResult:
     num_tokens: int
     grad_norm: float | None
     update_successful: bool
+    reports: list[dict] = field(default_factory=list)  # the loss functions' per-microbatch reports (last stage)
 
 
 def _global_loss(reports: list[dict], key: str = "lm_loss") -> tuple[float, int]:
-    """Sum the per-microbatch reports on the last PP stage, over DP, then share with every rank."""
-    total = torch.zeros(2, dtype=torch.float64)
+    """Sum the per-microbatch reports on the last PP stage, over DP, then share with every rank
+    (only the last stage holds the loss). The sums stay on the reports' device."""
+    total = torch.zeros(2, dtype=torch.float64, device=reports[0][key].device if reports else None)
     for report in reports:
-        total += report[key].double().cpu()
-    if dist.is_initialized():
-        dp_group = ps.get_data_parallel_group(with_context_parallel=True)
-        dist.all_reduce(total, group=dp_group)
-        # only the last stage holds the loss: broadcast it to the whole pipeline
-        pp_group = ps.get_pipeline_model_parallel_group()
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(total, src=last, group=pp_group)
-    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
+        total += report[key].double()
+    total = broadcast_from_last_stage(reduce_tensor(total, "sum", dp_group(with_context_parallel=True)))
+    loss, count = total.tolist()
+    return loss / max(count, 1.0), int(count)
 
 
 def run_schedule(model_chunks, microbatches: Iterable, num_microbatches: int, seq_length: int,
@@ -171,7 +179,7 @@ def train_step(
     update_successful, grad_norm, _ = optimizer.step()
     loss, num_tokens = _global_loss(reports)
     return StepResult(loss, num_tokens, None if grad_norm is None else float(grad_norm),
-                      bool(update_successful))
+                      bool(update_successful), reports)
 
 
 @torch.no_grad()

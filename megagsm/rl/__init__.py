@@ -1,13 +1,13 @@
-"""Reinforcement learning (GSPO / GRPO) with in-process rollouts.
+"""Reinforcement learning with in-process rollouts: the `GSPO` algorithm of the shared trainer
+(megagsm.train), its rollouts (`rollout`), batching (`batching`), losses (`losses`) and update
+(`update`). `run_gspo(cfg)` trains as the config says; imported lazily so that `megagsm.rl.losses`
+stays a light import."""
+from __future__ import annotations
 
-`run_gspo(cfg)` (megagsm.rl.trainer) is the entry point launch/train.py dispatches to for
-algorithm.name=gspo; it is imported lazily so that `megagsm.rl.losses` stays a light import.
-"""
 
+def run_gspo(cfg):
+    """Train as `cfg` says. Collective: call on every rank. Returns the TrainResult."""
+    from megagsm.rl.gspo import GSPO
+    from megagsm.train import Trainer
 
-def __getattr__(name):
-    if name in ("run_gspo", "GSPORun"):
-        from megagsm.rl import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'megagsm.rl' has no attribute {name!r}")
+    return Trainer(cfg, GSPO).fit()

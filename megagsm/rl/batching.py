@@ -18,19 +18,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megagsm.rl.losses import group_advantages
+from megagsm.runtime.collectives import dp_group as data_parallel_group
+from megagsm.runtime.collectives import group_size, reduce_tensor
 
 LABEL_PAD = 0  # a valid id under any vocab limit: padded positions are masked, never -inf
-
-
-def comm_device() -> torch.device:
-    """Where tensors for collectives live: NCCL needs them on the GPU, gloo on the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 @dataclass
@@ -80,6 +73,10 @@ class MiniBatch:
     local_sequences: int                # real sequences here
     global_sequences: int = 0           # over all DP ranks (0: nothing to train on: skip the update)
 
+    @property
+    def micro_batch_size(self) -> int:
+        return self.microbatches[0]["tokens"].shape[0] if self.microbatches else 0
+
 
 def _row(prompt: list[int], response: list[int], advantage: float, gen_lp: torch.Tensor | None, T: int) -> dict:
     seq = list(prompt) + list(response)
@@ -117,15 +114,12 @@ def build_minibatches(rollouts: Rollouts, advantages: Advantages, mini_batches: 
             rows_per_mb[k].append(i)
     counts = torch.tensor([[math.ceil(len(r) / micro_batch_size) for r in rows_per_mb],
                            [len(r) for r in rows_per_mb]], dtype=torch.long)
-    if dp_group is None and dist.is_initialized() and ps.model_parallel_is_initialized():
-        dp_group = ps.get_data_parallel_group()
+    if dp_group is None:
+        dp_group = data_parallel_group()
     local = counts[1].clone()
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+    if dp_group is not None and group_size(dp_group) > 1:
         # max microbatches (so every rank steps together) and total sequences per mini-batch
-        counts = counts.to(comm_device())
-        dist.all_reduce(counts[0], op=dist.ReduceOp.MAX, group=dp_group)
-        dist.all_reduce(counts[1], group=dp_group)
-        counts = counts.cpu()
+        counts = torch.stack([reduce_tensor(counts[0], "max", dp_group), reduce_tensor(counts[1], "sum", dp_group)])
     out = []
     for k, rows in enumerate(rows_per_mb):
         lengths = [len(rollouts.prompts[i]) + len(rollouts.responses[i]) - 1 for i in rows]

@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-
-def _tp_group():
-    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
-        return ps.get_tensor_model_parallel_group()
-    return None
+from megagsm.runtime.collectives import tp_group, tp_rank
 
 
 def prepare_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_limit: int | None = None) -> torch.Tensor:
@@ -32,7 +27,7 @@ def prepare_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_limit: 
     out = out / temperature if temperature not in (0.0, 1.0) else out.clone()
     if vocab_limit is not None:
         shard = out.shape[-1]
-        start = (ps.get_tensor_model_parallel_rank() if _tp_group() is not None else 0) * shard
+        start = tp_rank() * shard
         if start + shard > vocab_limit:
             padded = torch.arange(start, start + shard, device=out.device) >= vocab_limit
             out = out.masked_fill(padded, float("-inf"))
@@ -54,7 +49,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_limit: i
     """Entropy of the next-token distribution at every position, ``[b, s]`` fp32 (no gradient):
     ``H = log Z - sum_v p_v z_v`` with the sums all-reduced over the tensor-parallel group."""
     z = prepare_logits(logits, temperature, vocab_limit)
-    group = _tp_group()
+    group = tp_group()
     z_max = z.amax(dim=-1, keepdim=True)
     if group is not None:
         dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)

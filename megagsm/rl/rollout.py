@@ -18,7 +18,7 @@ import torch
 
 from megagsm.config.errors import ConfigError
 from megagsm.config.generation import GenerationConfig
-from megagsm.generation import SamplingParams, generate_batched
+from megagsm.generation import SamplingParams
 from megagsm.rewards import get_reward, list_rewards
 
 
@@ -78,13 +78,6 @@ def sampling_params(gen: GenerationConfig, n: int, stop_token_ids, seed: int) ->
 def rollout_seed(base: int, step: int, dp_rank: int) -> int:
     """Distinct, reproducible sampling streams per step and DP rank (TP/PP peers share one)."""
     return (base * 1_000_003 + step * 1009 + dp_rank) % (2**63 - 1)
-
-
-def generate_rollouts(model_chunks, prompts: list[list[int]], params: SamplingParams, tokenizer, *,
-                      max_batch_size: int, pad_token_id: int, vocab_limit: int | None):
-    """n samples of every prompt with the trainer's own weights (see megagsm.generation)."""
-    return generate_batched(model_chunks, prompts, params, tokenizer, max_batch_size=max_batch_size,
-                            pad_token_id=pad_token_id, vocab_limit=vocab_limit)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -1,5 +1,4 @@
-"""SFT data for the trainer: examples from the configured source, tokenised samples, and a resumable
-stream of per-step microbatches for this data-parallel rank.
+"""SFT data for the trainer: tokenised samples (padded or packed) and a resumable stream of per-step microbatches for this data-parallel rank.
 
 Each optimizer step takes `global_batch_size` sequences: this DP rank's share, cut into
 `num_microbatches` microbatches of `micro_batch_size` (gradient accumulation). All microbatches of a
@@ -11,46 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from megagsm.config.data import DataConfig
-from megagsm.config.parallel import ParallelConfig
-from megagsm.data.gsm8k import GSM8KExample, extract_final_answer, load_gsm8k
+from megagsm.data.gsm8k import GSM8KExample
 from megagsm.data.packing import PackedDataset, packed_attention_mask
 from megagsm.data.sampler import ResumableShardedSampler
 from megagsm.data.sft_dataset import SFTDataset, collate_sft
-
-
-def synthetic_examples(data: DataConfig) -> tuple[list[GSM8KExample], list[GSM8KExample]]:
-    from megagsm.data.synthetic import generate_splits
-
-    train, test = generate_splits(data.n_train, data.n_test, level=data.difficulty, seed=data.seed)
-    to_example = lambda p: GSM8KExample(question=p.question, answer=p.answer, final_answer=str(p.final))  # noqa: E731
-    return [to_example(p) for p in train], [to_example(p) for p in test]
-
-
-def _load_split(data: DataConfig, path: str, split: str) -> list[GSM8KExample]:
-    rows = load_gsm8k(path, split=split, on_bad_row=data.on_bad_row)
-    if data.prompt_key == "question" and data.answer_key == "answer":
-        return rows
-    raise NotImplementedError("data.prompt_key/answer_key other than question/answer")
-
-
-def load_examples(data: DataConfig) -> tuple[list[GSM8KExample], list[GSM8KExample]]:
-    """(train, held-out) examples; the held-out list is empty when there is none."""
-    if data.source == "synthetic":
-        return synthetic_examples(data)
-    train = _load_split(data, data.train_path, "train")
-    held_out = _load_split(data, data.eval_path, "test") if data.eval_path else []
-    return train, held_out
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def build_dataset(examples: list[GSM8KExample], tokenizer, data: DataConfig, name: str):
@@ -59,17 +26,6 @@ def build_dataset(examples: list[GSM8KExample], tokenizer, data: DataConfig, nam
     if data.pack_sequences:
         return PackedDataset(samples, data.seq_length, samples.pad_id)
     return samples
-
-
-def length_multiple(parallel: ParallelConfig) -> int:
-    """Sequence lengths must divide by tp under sequence parallelism and by 2*cp under context
-    parallelism; 8 keeps matmul shapes friendly."""
-    multiple = 8
-    if parallel.sequence_parallel_active:
-        multiple = math.lcm(multiple, parallel.tp)
-    if parallel.cp > 1:
-        multiple = math.lcm(multiple, 2 * parallel.cp)
-    return multiple
 
 
 def to_model_batch(batch: dict) -> dict:
@@ -176,10 +132,3 @@ def eval_microbatches(dataset, pad_id: int, micro_batch_size: int, max_seq_lengt
     for i in range(0, len(mine), micro_batch_size):
         batches.append(collate(mine[i:i + micro_batch_size], pad_id, length))
     return batches, length
-
-
-def reference_answer(example: Any) -> str:
-    """The ground-truth final answer of a GSM8K example."""
-    if isinstance(example, GSM8KExample):
-        return example.final_answer
-    return extract_final_answer(example["answer"])

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from megagsm.models.output_rows import (enter_output_layer, gpt_hidden_states, output_weight,
-                                        scatter_kept_rows, unwrap_gpt)
+                                        scatter_kept_rows)
+from megagsm.models.gpt import unwrap_model
 from megagsm.models.output_rows import tp_group as _tp_group  # the name tp_group is an argument here
 
 
@@ -228,7 +229,7 @@ def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_s
     computed chunk-wise); other stages return their hidden states for the next stage. Pass the
     loss mask the losses will be weighted with to have the gradients formed in the forward pass,
     and loss_tokens_only to skip the output projection for tokens outside it (their loss is 0)."""
-    gpt = unwrap_gpt(model)
+    gpt = unwrap_model(model)
     if not gpt.post_process:
         return model(tokens, position_ids, attention_mask)
     hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)

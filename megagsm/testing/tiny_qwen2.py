@@ -82,8 +82,8 @@ def convert(hf_model, tokenizer, work_dir, parallel: ParallelConfig | None = Non
 
 def load_converted(mcore_dir, parallel: ParallelConfig | None = None, dtype=torch.float32):
     """(this rank's GPTModel stage holding the converted weights, the real vocabulary size)."""
-    from megagsm.models.provider import (build_model_from_hf_config, load_hf_config,
-                                         load_mcore_checkpoint, provider_for)
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config, provider_for
 
     hf_config = load_hf_config(mcore_dir)
     chunks = build_model_from_hf_config(hf_config, parallel, dtype)

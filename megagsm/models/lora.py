@@ -54,6 +54,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megagsm.config.train import LoraConfig
+from megagsm.models.gpt import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,6 @@ def _init_a(rank: int, in_features: int, key: str, seed: int) -> torch.Tensor:
     return (torch.rand(rank, in_features, generator=gen, dtype=torch.float64) * 2 - 1) * bound
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
 def _transformer_layers(chunk):
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -214,7 +209,7 @@ def apply_lora(model_chunks: list, lora_cfg: LoraConfig, seed: int = 0) -> list:
     targets = set(lora_cfg.targets)
     matched = set()
     for chunk in model_chunks:
-        module = _unwrap(chunk)
+        module = unwrap_model(chunk)
         for param in module.parameters():
             param.requires_grad_(False)
         for layer in _transformer_layers(module):
@@ -238,7 +233,7 @@ def lora_parameters(model_chunks) -> dict[str, torch.nn.Parameter]:
     """name -> adapter parameter, over all chunks (names as in the unwrapped chunk)."""
     out = {}
     for i, chunk in enumerate(model_chunks):
-        for name, param in _unwrap(chunk).named_parameters():
+        for name, param in unwrap_model(chunk).named_parameters():
             if ADAPTER_SUFFIX + "." in name:
                 out[name if len(model_chunks) == 1 else f"{i}.{name}"] = param
     return out
@@ -250,7 +245,7 @@ def merge_lora(model_chunks: list) -> list:
     communication) and remove it; the chunks are then plain megatron modules with the original
     parameter names. Base parameters stay frozen."""
     for chunk in model_chunks:
-        module = _unwrap(chunk)
+        module = unwrap_model(chunk)
         for parent in list(module.modules()):
             for name, child in list(parent.named_children()):
                 if not isinstance(child, LoraAdapter):

@@ -1,64 +1,31 @@
-"""Megatron (torch_dist) model checkpoints that describe themselves.
+"""Model weights in megatron torch_dist checkpoints: one loader for every checkpoint megagsm reads
+(converter output, trainer checkpoints, LoRA-merged weights, megatron's own model saves).
 
-Directory layout written by megagsm (checkpoints_tools hf-to-mcore, or save_mcore_checkpoint):
-    <dir>/.metadata, __*.distcp, metadata.json, common.pt   megatron dist_checkpointing (torch_dist)
-    <dir>/hf/config.json, tokenizer files, ...               the HF side files of the source model
-    <dir>/megagsm_checkpoint.json                            what wrote it (model_type, layout, vocab)
 The tensors are layout-free: they load at any TP/PP/EP. Vocabulary tensors may be stored at the HF
 vocab size or padded (megatron pads to a multiple of 128 * tp): loading reads the rows both sides
-have and zeroes the model's padding rows.
+have and zeroes the model's padding rows. transformer-engine `_extra_state` entries a checkpoint
+lacks are tolerated (the local spec has none); any other missing or unexpected key is an error.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megagsm.checkpoint.manifest import copy_hf_side_files, write_manifest
 from megagsm.models.errors import ModelInputError
-from megagsm.models.hf_config import HF_SUBDIR, MANIFEST, hf_files_dir
-
-# weight files and indexes are never copied as "side files"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".distcp")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+from megagsm.models.gpt import unwrap_model
+from megagsm.models.hf_config import HF_SUBDIR, hf_files_dir
 
 
-def copy_hf_side_files(src, dst) -> list[str]:
-    """Copies the top-level non-weight files of an HF model dir (config.json, generation_config.json,
-    tokenizer files, chat templates, ...) into dst; returns their names."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name.endswith(_WEIGHT_SUFFIXES) or p.name in _WEIGHT_INDEXES:
-            continue
-        if p.name.startswith("."):
-            continue
-        shutil.copy2(p, dst / p.name)
-        copied.append(p.name)
-    return copied
+def model_keys(model_chunks: list) -> list[str]:
+    """The top-level keys of the chunks in a saved state dict (megatron-LM's own naming)."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
-def write_manifest(ckpt_dir, **fields) -> None:
-    (Path(ckpt_dir) / MANIFEST).write_text(json.dumps({"format": "megagsm-mcore", "version": 1, **fields},
-                                                      indent=2, sort_keys=True) + "\n")
-
-
-def read_manifest(ckpt_dir) -> dict:
-    path = Path(ckpt_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def _model_sharded_state_dict(model_chunks) -> dict:
-    return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+def model_sharded_state_dict(model_chunks: list) -> dict:
+    return {key: unwrap_model(c).sharded_state_dict() for key, c in zip(model_keys(model_chunks), model_chunks)}
 
 
 def _drop_absent_extra_state(sharded: dict, stored_keys: set[str]) -> None:
@@ -99,31 +66,43 @@ def _zero_vocab_padding(chunk, stored_rows: dict[str, int]) -> None:
                 weight[keep:].zero_()
 
 
-def load_mcore_checkpoint(model_chunks, ckpt_dir) -> None:
-    """Loads a torch_dist model checkpoint (megagsm's or megatron's own model save) into this rank's
-    model chunks, whatever layout it was written with. Collective over all ranks."""
-    from megatron.core import dist_checkpointing
+def stored_metadata(ckpt_dir) -> dict:
+    """{key: storage metadata} of a torch_dist checkpoint, refusing a directory that is not one."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file() or not (ckpt_dir / ".metadata").is_file():
         raise ModelInputError(f"{ckpt_dir}: not a megatron torch_dist checkpoint (metadata.json/.metadata missing)")
-    stored = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
-    sharded = _model_sharded_state_dict(model_chunks)
-    _drop_absent_extra_state(sharded, set(stored))
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    return FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+
+
+def load_model_state(model_chunks: list, loaded: dict, stored: dict, source) -> None:
+    """Copies the loaded model entries (keys from model_keys) into the chunks; see the module doc."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     stored_rows = {k: v.size[0] for k, v in stored.items()
                    if isinstance(v, TensorStorageMetadata) and k in ("embedding.word_embeddings.weight",
                                                                      "output_layer.weight")}
-    for i, chunk in enumerate(model_chunks):
-        module = _unwrap(chunk)
-        result = module.load_state_dict(state[f"chunk{i}"], strict=False)
+    for key, chunk in zip(model_keys(model_chunks), model_chunks):
+        module = unwrap_model(chunk)
+        result = module.load_state_dict(loaded[key], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise RuntimeError(f"{ckpt_dir}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ModelInputError(f"{source}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         _zero_vocab_padding(module, stored_rows)
+
+
+def load_mcore_checkpoint(model_chunks, ckpt_dir) -> None:
+    """Loads the model weights of a torch_dist checkpoint into this rank's chunks, whatever layout
+    wrote it. Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    stored = stored_metadata(ckpt_dir)
+    sharded = model_sharded_state_dict(model_chunks)
+    _drop_absent_extra_state(sharded, set(stored))
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    load_model_state(model_chunks, loaded, stored, ckpt_dir)
 
 
 def save_mcore_checkpoint(model_chunks, out_dir, hf_files_from, overwrite: bool = False, **manifest) -> None:
@@ -136,7 +115,7 @@ def save_mcore_checkpoint(model_chunks, out_dir, hf_files_from, overwrite: bool 
 
     side_files = hf_files_dir(hf_files_from)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        dist_checkpointing.save(_model_sharded_state_dict(model_chunks), str(tmp))
+        dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(tmp))
         if not dist.is_initialized() or dist.get_rank() == 0:
             copy_hf_side_files(side_files, tmp / HF_SUBDIR)
             write_manifest(tmp, writer="save_mcore_checkpoint", **manifest)
