@@ -214,7 +214,25 @@ def _e2e_launch(inputs, root):
     result = resumed.fit()
     out["resumed"] = {"history": result.history, "from": result.resumed_from,
                       "params": gather_full_state_dict(resumed.chunks, dst=0)}
+    # from HF weights (model.init=hf: converted once under the run's output dir), exported back to HF
+    from_hf = run_gspo(_config(inputs, os.path.join(root, "from_hf"), [
+        "model.init=hf", f"model.hf_dir={inputs['hf_init']}", "train.train_steps=1", "train.export_hf=true"]))
+    out["from_hf"] = {"export": from_hf.hf_export, "history": from_hf.history, "checkpoint": from_hf.checkpoint}
     return out
+
+
+def _hf_weights(base: str, out_dir) -> str:
+    """An HF model dir (random weights, the base's tokenizer) as a user brings it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(str(out_dir))
+    for name in os.listdir(base):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(base, name), out_dir)
+    return str(out_dir)
 
 
 def _pair_launch(init_state, layouts, inputs, root):
@@ -242,6 +260,7 @@ def launches(tmp_path_factory):
     tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
     inputs = prepare_inputs(root / "inputs", tiny)
+    inputs["hf_init"] = _hf_weights(inputs["base"], root / "hf_init")
 
     pair = run_ranks(_pair_launch, 2, init_state, layouts, inputs, str(root))
     return single, pair[0], list(layouts)
@@ -309,6 +328,24 @@ def test_run_gspo_end_to_end(launches):
         assert row["logprob_diff_gen"] < 1e-4
     full = pair["e2e"]["full"]["history"]
     assert all(full[s]["kl_loss"] >= 0 for s in (1, 2, 3)) and full[3]["kl_loss"] > 0  # kl_coef > 0 run
+
+
+def test_gspo_starts_from_hf_weights_and_exports_hf(launches):
+    """model.init=hf -> one GSPO step -> train.export_hf: the export is an HF model transformers loads,
+    holding the HF weights moved by the update (and nothing else changed in shape)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _, pair, _ = launches
+    run = pair["e2e"]["from_hf"]
+    assert run["checkpoint"].endswith("iter_0000001") and run["history"][1]["updates"] >= 1
+    exported = AutoModelForCausalLM.from_pretrained(run["export"]).state_dict()
+    hf_init = os.path.join(os.path.dirname(os.path.dirname(run["export"])), "hf_init")
+    initial = load_file(os.path.join(hf_init, "model.safetensors"))
+    assert set(initial) <= set(exported)
+    moved = max((exported[k].float() - v.float()).abs().max().item() for k, v in initial.items())
+    assert all(exported[k].shape == v.shape for k, v in initial.items())
+    assert 0 < moved < 0.1, moved  # started from these weights, then one lr-1e-3 update
 
 
 def test_resume_repeats_the_uninterrupted_run(launches):

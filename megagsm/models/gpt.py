@@ -1,7 +1,7 @@
 """Builds a megatron GPTModel for this rank's pipeline stage from a TransformerConfig."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
@@ -12,7 +12,7 @@ from megagsm.layers.spec import decoder_block_spec
 
 @dataclass
 class GPTArchitecture:
-    """The GPTModel arguments that are not part of TransformerConfig."""
+    """The GPTModel arguments that are not part of TransformerConfig (named as GPTModel names them)."""
 
     vocab_size: int
     max_sequence_length: int
@@ -35,18 +35,10 @@ def build_gpt_model(
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec_fn(config, vp_stage=vp_stage),
-        vocab_size=arch.vocab_size,
-        max_sequence_length=arch.max_sequence_length,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=arch.share_embeddings_and_output_weights,
-        position_embedding_type=arch.position_embedding_type,
-        rotary_base=arch.rotary_base,
-        rotary_percent=arch.rotary_percent,
-        seq_len_interpolation_factor=arch.seq_len_interpolation_factor,
-        rope_scaling=arch.rope_scaling,
-        rope_scaling_factor=arch.rope_scaling_factor,
         vp_stage=vp_stage,
+        **asdict(arch),  # its fields are GPTModel's argument names
     )
 
 

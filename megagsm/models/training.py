@@ -21,20 +21,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megagsm.config.parallel import ParallelConfig
 from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, reduce_tensor
+from megagsm.runtime.distributed import megatron_parallel_sizes
 
 
 def parallel_fields(parallel: ParallelConfig) -> dict:
     """TransformerConfig fields that must agree with the process groups."""
-    return dict(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        # megatron rejects sequence parallelism without tensor parallelism
-        sequence_parallel=parallel.sequence_parallel_active,
-    )
+    # megatron rejects sequence parallelism without tensor parallelism
+    return dict(megatron_parallel_sizes(parallel), sequence_parallel=parallel.sequence_parallel_active)
 
 
 def sequence_length_multiple(parallel: ParallelConfig) -> int:

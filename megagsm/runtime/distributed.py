@@ -92,6 +92,13 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def megatron_parallel_sizes(parallel: ParallelConfig) -> dict:
+    """The layout in megatron's own names, which initialize_model_parallel and TransformerConfig share."""
+    return dict(tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+                virtual_pipeline_model_parallel_size=parallel.vpp, context_parallel_size=parallel.cp,
+                expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp)
+
+
 def seed_everything(seed: int) -> None:
     """Seeds python, numpy, torch and megatron's RNG tracker (data-parallel, model-parallel and
     expert-parallel streams; each TP/EP rank gets its own stream as megatron intends)."""
@@ -141,15 +148,7 @@ def init_runtime(
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        distributed_timeout_minutes=timeout_minutes,
-    )
+    ps.initialize_model_parallel(**megatron_parallel_sizes(parallel), distributed_timeout_minutes=timeout_minutes)
     seed_everything(seed)
     return RuntimeInfo(
         rank=rank,

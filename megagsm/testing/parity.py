@@ -11,7 +11,7 @@ Later issues reuse it with their own model factories: `run_parity(model_factory,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

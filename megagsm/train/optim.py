@@ -9,18 +9,15 @@ from megagsm.config.optim import OptimConfig
 from megagsm.config.parallel import ParallelConfig
 
 
+# OptimConfig fields that OptimizerConfig spells the same way
+_SAME_NAMES = ("optimizer", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")
+
+
 def optimizer_config(optim: OptimConfig, parallel: ParallelConfig, dtype: torch.dtype) -> OptimizerConfig:
     """bf16/fp16 models train with fp32 main params inside megatron's optimizer; fp16 adds dynamic
     loss scaling. lr and min_lr also go to the param groups, where the scheduler reads them."""
     return OptimizerConfig(
-        optimizer=optim.optimizer,
-        lr=optim.lr,
-        min_lr=optim.min_lr,
-        weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1,
-        adam_beta2=optim.adam_beta2,
-        adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad,
+        **{name: getattr(optim, name) for name in _SAME_NAMES},
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,

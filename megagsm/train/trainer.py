@@ -1,7 +1,7 @@
 """The one trainer: runtime, model, optimizer, metrics, evaluation and checkpoints around an algorithm.
 
 `Trainer(cfg, Algorithm).fit()` runs on every rank (launch/train.py under torchrun / srun). What
-differs between SFT and GSPO is the algorithm object (megagsm.sft.SFT, megagsm.rl.GSPO): it builds its
+differs between SFT and GSPO is the algorithm object (megagsm.sft.step.SFT, megagsm.rl.gspo.GSPO): it builds its
 data from the trainer's parts and runs one training step. Everything else is here, the same for both:
 
 1. init: process groups and seeds, the model (`model.init`: random or HF weights), LoRA adapters
@@ -42,7 +42,7 @@ log = get_logger(__name__)
 
 
 class Algorithm(Protocol):
-    """What a training algorithm adds to the trainer (megagsm.sft.SFT, megagsm.rl.GSPO)."""
+    """What a training algorithm adds to the trainer (megagsm.sft.step.SFT, megagsm.rl.gspo.GSPO)."""
 
     phase: str                 # metrics phase and progress-bar label
     plot_keys: list[str]       # metrics drawn in <output_dir>/<phase>_metrics.png
