@@ -334,3 +334,49 @@ def test_group_advantages_degenerate_groups():
         group_advantages(torch.zeros(8), group_size=3)
     with pytest.raises(ValueError, match="group_size=3"):
         group_advantages(torch.zeros(2, 4), group_size=3)
+
+
+# --------------------------------------------------------------------------- dual clip
+
+
+def test_dual_clip_caps_negative_advantage_losses_by_hand():
+    """Per token (grpo): A=+1 at ratio 5 -> PPO clip; A=-1 at ratio 5 -> capped at -A*c = 3 with c=3;
+    A=-2 at ratio 1.1 (under c) -> the usual -A*r = 2.2; the capped token has no gradient."""
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[5.0, 5.0, 1.1]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    kw = dict(mode="grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="seq-mean-token-sum")
+    loss, metrics = policy_loss(lp, old, adv, mask, clip_ratio_c=3.0, **kw)
+    expected = -1.0 * 1.2 + 3.0 + 2.0 * 1.1
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["pg_clipfrac_lower"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    # d/dlp of -A r = -A r: token 0 clipped (0), token 1 capped (0), token 2: 2 * 1.1
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, 2.2]]))
+    no_dual, m = policy_loss(lp.detach(), old, adv, mask, **kw)
+    assert no_dual.item() == pytest.approx(-1.2 + 5.0 + 2.2, rel=1e-6) and m["pg_clipfrac_lower"].item() == 0.0
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        policy_loss(lp.detach(), old, adv, mask, clip_ratio_c=0.5, **kw)
+
+
+def test_dual_clip_acts_on_the_sequence_ratio_in_gspo():
+    old = torch.zeros(2, 2)
+    lp = torch.log(torch.tensor([[4.0, 4.0], [4.0, 4.0]]))
+    adv = torch.tensor([[-1.0, -1.0], [1.0, 1.0]])
+    mask = torch.ones(2, 2)
+    loss, metrics = policy_loss(lp, old, adv, mask, mode="gspo", clip_ratio_low=0.1, clip_ratio_high=0.1,
+                                loss_agg_mode="seq-mean-token-mean", clip_ratio_c=2.0)
+    # sequence 0: -A*s = 4 capped at 2; sequence 1: clipped to -1.1
+    assert loss.item() == pytest.approx((2.0 - 1.1) / 2, rel=1e-6)
+    assert metrics["pg_clipfrac_lower"].item() == pytest.approx(0.5)
+
+
+def test_kl_metric_is_the_token_mean_whatever_the_aggregation():
+    old = lp = torch.zeros(2, 3)
+    ref = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    for agg, extra in (("seq-mean-token-sum", {"num_seqs": 1.0}), ("token-mean", {"num_tokens": 1.0})):
+        _, metrics = policy_loss(lp, old, torch.zeros(2, 3), mask, mode="grpo", loss_agg_mode=agg, ref_log_prob=ref,
+                                 kl_coef=0.1, kl_kind="k1", **extra)
+        assert metrics["kl_loss"].item() == pytest.approx(1.0 / 5)  # k1 = lp - ref: one token of 5 at 1.0

@@ -111,12 +111,22 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: KLKind 
 
 
 def _clipped_objective(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_ratio_low: float, clip_ratio_high: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element PPO loss ``-min(rA, clip(r)A)`` and where the clipped branch is the active one."""
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_ratio_low: float, clip_ratio_high: float,
+    clip_ratio_c: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element PPO loss ``-min(rA, clip(r)A)``, where the clipped branch is the active one, and
+    where dual clipping is: with ``clip_ratio_c`` (Ye et al. 2020, verl's ``clip_ratio_c``) a negative
+    advantage's loss is capped at ``-c A``, so a ratio far above 1 cannot push it without bound (the
+    capped elements carry no gradient)."""
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if clip_ratio_c is not None:
+        cap = -advantages * clip_ratio_c
+        dual = (advantages < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+    return loss, (clipped > unclipped), dual
 
 
 def policy_loss(
@@ -135,13 +145,18 @@ def policy_loss(
     ref_log_prob: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: KLKind = "low_var_kl",
+    clip_ratio_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy-gradient loss and detached metrics (see the module docstring for the modes).
 
     Default clip ranges are the GSPO paper's (3e-4, 4e-4): sequence ratios sit much closer to 1 than
     token ratios. For ``grpo`` use PPO-sized ranges such as 0.2 / 0.28. The KL term
-    ``kl_coef * aggregate(kl_penalty(log_prob, ref_log_prob))`` is added only when ``kl_coef`` > 0.
+    ``kl_coef * aggregate(kl_penalty(log_prob, ref_log_prob))`` is added only when ``kl_coef`` > 0;
+    its metric ``kl_loss`` is the token-mean KL, whatever the aggregation. ``clip_ratio_c`` (> 1, None:
+    off) is the dual clip for negative advantages (see ``_clipped_objective``).
     """
+    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (or None), got {clip_ratio_c}")
     if not (log_prob.shape == old_log_prob.shape == advantages.shape == response_mask.shape) or log_prob.dim() != 2:
         raise ValueError(
             "log_prob, old_log_prob, advantages and response_mask must all be [B, T]; got "
@@ -156,18 +171,20 @@ def policy_loss(
 
     if mode == "grpo":
         ratio = torch.exp(token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        loss_mat, clipped = _clipped_objective(ratio, advantages, clip_ratio_low, clip_ratio_high)
+        loss_mat, clipped, dual = _clipped_objective(ratio, advantages, clip_ratio_low, clip_ratio_high, clip_ratio_c)
     elif mode == "gspo":
         seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B], differentiable
         seq_advantage = _masked_sum(advantages, mask, dim=-1) / lengths
-        seq_loss, seq_clipped = _clipped_objective(seq_ratio, seq_advantage, clip_ratio_low, clip_ratio_high)
+        seq_loss, seq_clipped, seq_dual = _clipped_objective(seq_ratio, seq_advantage, clip_ratio_low,
+                                                             clip_ratio_high, clip_ratio_c)
         loss_mat = seq_loss.unsqueeze(-1).expand_as(log_prob)
         clipped = seq_clipped.unsqueeze(-1).expand_as(log_prob)
+        dual = seq_dual.unsqueeze(-1).expand_as(log_prob)
         ratio = seq_ratio.unsqueeze(-1).expand_as(log_prob)
     elif mode == "gspo_token":
         log_ratio = seq_log_ratio.detach().unsqueeze(-1) + log_prob - log_prob.detach()
         ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        loss_mat, clipped = _clipped_objective(ratio, advantages, clip_ratio_low, clip_ratio_high)
+        loss_mat, clipped, dual = _clipped_objective(ratio, advantages, clip_ratio_low, clip_ratio_high, clip_ratio_c)
     else:
         raise ValueError(f"mode must be 'gspo', 'gspo_token' or 'grpo', got {mode!r}")
 
@@ -179,6 +196,7 @@ def policy_loss(
         metrics = {
             "pg_loss": pg_loss.detach(),
             "pg_clipfrac": _masked_mean(clipped.to(mask.dtype), mask),
+            "pg_clipfrac_lower": _masked_mean(dual.to(mask.dtype), mask),
             "ratio_mean": _masked_mean(ratio.detach(), mask),
             "seq_ratio_mean": _masked_mean(torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)),
                                            (mask.sum(-1) > 0).to(mask.dtype)),
@@ -189,9 +207,9 @@ def policy_loss(
     if kl_coef > 0.0:
         if ref_log_prob is None:
             raise ValueError("kl_coef > 0 needs ref_log_prob")
-        kl = aggregate_loss(kl_penalty(log_prob, ref_log_prob.detach(), kl_kind), mask, loss_agg_mode, **agg)
-        loss = loss + kl_coef * kl
-        metrics["kl_loss"] = kl.detach()
+        per_token_kl = kl_penalty(log_prob, ref_log_prob.detach(), kl_kind)
+        loss = loss + kl_coef * aggregate_loss(per_token_kl, mask, loss_agg_mode, **agg)
+        metrics["kl_loss"] = _masked_mean(per_token_kl.detach(), mask)
     metrics["loss"] = loss.detach()
     return loss, metrics
 
