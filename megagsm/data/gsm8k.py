@@ -200,9 +200,11 @@ def data_paths(value: str | os.PathLike | Sequence[str] | None) -> list[str]:
 
             try:
                 parsed = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError):  # unquoted: [a.parquet, b.parquet]
+                parsed = [p.strip().strip("'\"") for p in text[1:-1].split(",") if p.strip()]
+            if not isinstance(parsed, (list, tuple)):
                 raise UserError(f"data path {text!r}: looks like a list but is not one; "
-                                "write ['a.parquet', 'b.parquet']") from None
+                                "write ['a.parquet', 'b.parquet']")
             return data_paths(list(parsed))
         return [text] if text else []
     paths = list(value)

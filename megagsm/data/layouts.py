@@ -66,7 +66,8 @@ def parse_path(path: str, field: str = "key") -> list[str | int]:
 
 
 def lookup(row: Any, path: str) -> Any:
-    """The value at a dotted path in a (nested) row, or the module's _MISSING marker."""
+    """The value at a dotted path in a (nested) row, or the module's _MISSING marker (also for a null:
+    parquet stores a struct field that a row lacks as null)."""
     value = row
     for part in parse_path(path):
         if isinstance(part, int):
@@ -77,7 +78,7 @@ def lookup(row: Any, path: str) -> Any:
             if not isinstance(value, Mapping) or part not in value:
                 return _MISSING
             value = value[part]
-    return value
+    return _MISSING if value is None else value
 
 
 def is_missing(value: Any) -> bool:
@@ -182,13 +183,15 @@ def row_parts(row: Any, keys: RowKeys, extract_final_answer) -> tuple[RowParts |
     elif _text(value) is not None:
         question = value
     else:
-        return None, f"missing or empty '{prompt_field}'"
+        return None, f"'{prompt_field}' is empty or not text"
 
     value = lookup(row, keys.answer_key)
     if is_missing(value) and verl and keys.answer_key == DEFAULT_ANSWER_KEY:
         answer = _text(lookup(row, "extra_info.answer")) or ""
+    elif is_missing(value):
+        return None, f"missing '{keys.answer_key}'"
     elif _text(value) is None:
-        return None, f"missing or empty '{keys.answer_key}'"
+        return None, f"'{keys.answer_key}' is empty or not text"
     else:
         answer = value
     if truth is None:
