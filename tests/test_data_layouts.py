@@ -265,3 +265,14 @@ def test_conversation_truncation(tokenizer):
         build_conversation_sample(_conversation(), tokenizer, n - 1, truncation="error")
     with pytest.raises(SequenceTooLongError, match="no assistant token is left"):
         build_conversation_sample(_conversation(), tokenizer, 3, truncation="right")
+
+
+def test_verl_layout_from_a_saved_datasets_dir(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([VERL_GSM8K]),
+                          "test": datasets.Dataset.from_list([VERL_GSM8K, VERL_GSM8K])}).save_to_disk(str(tmp_path / "d"))
+    cfg = DataConfig(source="hf", train_path=str(tmp_path / "d"), eval_path=str(tmp_path / "d"))
+    (train,) = load_config_examples(cfg, "train")
+    assert train.messages == tuple(VERL_GSM8K["prompt"]) and train.ground_truth == "72"
+    assert len(load_config_examples(cfg, "eval")) == 2

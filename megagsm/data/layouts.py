@@ -17,6 +17,7 @@ Layouts recognised:
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -50,6 +51,11 @@ class RowKeys:
 
 def parse_path(path: str, field: str = "key") -> list[str | int]:
     """``a.b[0]['c']`` -> ``["a", "b", 0, "c"]``; a malformed path raises UserError naming ``field``."""
+    return list(_parse_path(path, field))
+
+
+@functools.lru_cache(maxsize=256)  # every row looks up the same few paths
+def _parse_path(path: str, field: str) -> tuple[str | int, ...]:
     if not isinstance(path, str) or not path.strip():
         raise UserError(f"{field}={path!r}: expected a column name or a dotted path such as extra_info.question")
     parts: list[str | int] = []
@@ -62,20 +68,20 @@ def parse_path(path: str, field: str = "key") -> list[str | int]:
         name, index, single, double = m.groups()
         parts.append(int(index) if index is not None else next(p for p in (name, single, double) if p is not None))
         pos = m.end()
-    return parts
+    return tuple(parts)
 
 
 def lookup(row: Any, path: str) -> Any:
     """The value at a dotted path in a (nested) row, or the module's _MISSING marker (also for a null:
     parquet stores a struct field that a row lacks as null)."""
     value = row
-    for part in parse_path(path):
+    for part in _parse_path(path, "key"):
         if isinstance(part, int):
             if not isinstance(value, (list, tuple)) or not -len(value) <= part < len(value):
                 return _MISSING
             value = value[part]
         else:
-            if not isinstance(value, Mapping) or part not in value:
+            if not isinstance(value, dict) or part not in value:
                 return _MISSING
             value = value[part]
     return _MISSING if value is None else value
@@ -86,7 +92,7 @@ def is_missing(value: Any) -> bool:
 
 
 def is_verl_rl_row(row: Mapping) -> bool:
-    return isinstance(row.get("prompt"), (list, tuple)) and isinstance(row.get("reward_model"), Mapping)
+    return isinstance(row.get("prompt"), (list, tuple)) and isinstance(row.get("reward_model"), dict)
 
 
 def expected_columns(keys: RowKeys) -> str:
@@ -118,7 +124,7 @@ def _messages(value: Any, field: str) -> tuple[tuple[dict, ...] | None, str]:
         return None, f"'{field}' is not a non-empty list of chat messages"
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in CHAT_ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in CHAT_ROLES:
             return None, f"'{field}'[{i}] is not a chat message {{role: {'|'.join(CHAT_ROLES)}, content: text}}"
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out), ""
@@ -130,7 +136,7 @@ def _text(value: Any) -> str | None:
 
 def _ground_truth(row: Mapping) -> tuple[str | None, str]:
     """verl's ``reward_model.ground_truth`` as text; (None, "") when the row has none."""
-    if not isinstance(row.get("reward_model"), Mapping):
+    if not isinstance(row.get("reward_model"), dict):
         return None, ""
     gt = row["reward_model"].get("ground_truth")
     if isinstance(gt, bool) or not isinstance(gt, (str, int, float)) or not str(gt).strip():
@@ -156,7 +162,7 @@ def _last_user(messages: tuple[dict, ...]) -> str:
 def row_parts(row: Any, keys: RowKeys, extract_final_answer) -> tuple[RowParts | None, str]:
     """The parts of one row, or (None, reason naming the field). ``extract_final_answer(text)`` reads
     the ``#### N`` of a GSM8K solution (passed in: it lives with the GSM8K loader)."""
-    if not isinstance(row, Mapping):
+    if not isinstance(row, dict):
         return None, f"row is a {type(row).__name__}, not an object"
     source = row.get("data_source")
     data_source = source if isinstance(source, str) and source.strip() else DEFAULT_DATA_SOURCE
