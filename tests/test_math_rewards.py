@@ -202,3 +202,25 @@ def test_never_raises_tests_can_fail(monkeypatch):
 def test_float_ground_truths():
     assert get_reward("gsm8k")("#### 72", 72.0) == 1.0
     assert get_reward("gsm8k")("#### 72", math.nan) == 0.0
+
+
+def test_batch_scorer_from_the_gspo_config():
+    from megagsm.config.algorithm import GSPOConfig, OverlongBufferConfig
+    from megagsm.config.errors import ConfigError
+    from megagsm.rewards.scoring import make_batch_scorer
+
+    texts = ["#### 5", "Answer: 5", "\\boxed{5}", "5"]
+    sources = ["openai/gsm8k", "math_dapo", "HuggingFaceH4/MATH-500", "openai/gsm8k"]
+    auto = make_batch_scorer(GSPOConfig(reward="auto"), 100, sources)
+    assert auto.rewards(texts, ["5"] * 4, sources) == [1.0, 1.0, 1.0, 0.0]
+    flexible = make_batch_scorer(GSPOConfig(reward="gsm8k", reward_method="flexible"), 100)
+    assert flexible.rewards(texts, ["5"] * 4, sources) == [1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(UserError, match="no reward for data_source 'mine'"):
+        make_batch_scorer(GSPOConfig(reward="auto"), 100, ["openai/gsm8k", "mine"])
+    with pytest.raises(ConfigError, match=r"algorithm.gspo.reward='nope' is not a registered reward"):
+        make_batch_scorer(GSPOConfig(reward="nope"), 100)
+    # overlong: max 100, buffer 40 -> the penalty starts at 60 tokens; at 80: -(20 / 40) * factor 2 = -1
+    dapo = make_batch_scorer(GSPOConfig(reward="math_dapo", overlong_buffer=OverlongBufferConfig(True, 40, 2.0)), 100)
+    assert dapo.rewards(["Answer: 5", "Answer: 4"], ["5", "5"], ["math_dapo"] * 2, [60, 80]) == [1.0, -2.0]
+    with pytest.raises(ValueError, match="needs the response lengths"):
+        dapo.rewards(["Answer: 5"], ["5"], ["math_dapo"])
