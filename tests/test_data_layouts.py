@@ -86,10 +86,14 @@ def test_verl_rl_layout_is_recognised_by_itself(tmp_path, writer):
 
 
 def test_verl_gsm8k_ground_truth_must_be_a_number(tmp_path):
-    row = {**VERL_GSM8K, "reward_model": {"style": "rule", "ground_truth": "seventy-two"}}
-    path = _parquet(tmp_path / "t.parquet", [VERL_GSM8K, row])
-    with pytest.raises(BadRowError, match=r"row 1: 'reward_model.ground_truth' 'seventy-two' is not a number"):
-        load_gsm8k(path, on_bad_row="error")
+    for truth in ["seventy-two", "72abc", "7 2"]:
+        row = {**VERL_GSM8K, "reward_model": {"style": "rule", "ground_truth": truth}}
+        path = _parquet(tmp_path / "t.parquet", [VERL_GSM8K, row])
+        with pytest.raises(BadRowError, match=rf"row 1: 'reward_model.ground_truth' '{truth}' is not a number"):
+            load_gsm8k(path, on_bad_row="error")
+    for truth in ["-3", "1,234", "2.5"]:
+        row = {**VERL_GSM8K, "reward_model": {"style": "rule", "ground_truth": truth}}
+        assert load_gsm8k(_parquet(tmp_path / "t.parquet", [row]))[0].ground_truth == truth
 
 
 def test_verl_sft_spelling_through_dotted_keys(tmp_path):

@@ -31,6 +31,8 @@ VERL_RL_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_in
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 _MISSING = object()
+# a GSM8K ground truth: "72", "-3", "1,234", "2.5" (a leading "$" allowed)
+_GSM8K_NUMBER = re.compile(r"\$?\s*-?[0-9][0-9,]*(?:\.[0-9]+)?")
 _PATH_PART = re.compile(r"""\.?([A-Za-z_][\w\-]*)|\[\s*(?:(\d+)|'([^']*)'|"([^"]*)")\s*\]""")
 
 
@@ -204,7 +206,7 @@ def row_parts(row: Any, keys: RowKeys, extract_final_answer) -> tuple[RowParts |
         truth = extract_final_answer(answer)
         if truth is None:
             return None, f"'{keys.answer_key}' has no '#### <number>' final answer"
-    elif data_source == DEFAULT_DATA_SOURCE and extract_final_answer(f"#### {truth}") is None:
+    elif data_source == DEFAULT_DATA_SOURCE and not _GSM8K_NUMBER.fullmatch(truth):
         return None, f"'reward_model.ground_truth' {truth[:40]!r} is not a number (data_source {data_source})"
     return RowParts(question, answer, truth, data_source, messages), ""
 
