@@ -280,3 +280,14 @@ def test_verl_layout_from_a_saved_datasets_dir(tmp_path):
     (train,) = load_config_examples(cfg, "train")
     assert train.messages == tuple(VERL_GSM8K["prompt"]) and train.ground_truth == "72"
     assert len(load_config_examples(cfg, "eval")) == 2
+
+
+def test_load_run_examples(tmp_path):
+    from megagsm.data.from_config import load_run_examples
+
+    train, test = load_run_examples(DataConfig(n_train=6, n_test=2, difficulty=1, seed=4))
+    assert len(train) == 6 and len(test) == 2
+    assert all(e.final_answer == e.answer.rsplit("#### ", 1)[1] and e.messages is None for e in train + test)
+    path = _parquet(tmp_path / "t.parquet", [VERL_GSM8K, DAPO])
+    train, test = load_run_examples(DataConfig(source="parquet", train_path=str(path)))
+    assert [e.data_source for e in train] == ["openai/gsm8k", "math_dapo"] and test == []

@@ -20,3 +20,19 @@ def load_config_examples(data: DataConfig, which: Literal["train", "eval"]) -> l
         prompt_key=data.prompt_key, answer_key=data.answer_key, messages_key=data.messages_key,
         kind=data.source, field=field,
     )
+
+
+def synthetic_examples(data: DataConfig) -> tuple[list[GSM8KExample], list[GSM8KExample]]:
+    """(train, test) generated problems of data.n_train / n_test / difficulty / seed."""
+    from megagsm.data.synthetic import generate_splits
+
+    train, test = generate_splits(data.n_train, data.n_test, level=data.difficulty, seed=data.seed)
+    to_example = lambda p: GSM8KExample(question=p.question, answer=p.answer, final_answer=str(p.final))  # noqa: E731
+    return [to_example(p) for p in train], [to_example(p) for p in test]
+
+
+def load_run_examples(data: DataConfig) -> tuple[list[GSM8KExample], list[GSM8KExample]]:
+    """(train, held-out) examples of a run, whatever data.source is; held-out is [] without eval_path."""
+    if data.source == "synthetic":
+        return synthetic_examples(data)
+    return load_config_examples(data, "train"), load_config_examples(data, "eval")
