@@ -67,15 +67,25 @@ def test_extract_and_parse():
     assert parse_number("3/0") is None and parse_number("") is None and parse_number("NaN") is None
     with pytest.raises(ValueError, match="method must be"):
         compute_score("#### 1", "1", method="loose")
-    with pytest.raises(ValueError, match="ground_truth 'abc' is not a number"):
-        compute_score("#### 1", "abc")
+    # a ground truth that is not a number matches no answer (the loaders refuse such GSM8K rows)
+    assert compute_score("#### 1", "abc") == 0.0
+    assert compute_score("#### 1", "abc", format_score=0.25) == 0.25
+    assert compute_score("no answer", "abc", format_score=0.25) == 0.0
+    assert compute_score("#### 1", None) == 0.0 and compute_score(None, "1") == 0.0
+
+
+# Ground truths of every kind: any text (numbers, full GSM8K answers, garbage), None, numbers.
+_TRUTHS = (st.text(max_size=300) | st.integers(min_value=-(10**30), max_value=10**30).map(str)
+           | st.text(max_size=50).map(lambda t: t + "\n#### " + t) | st.none() | st.integers() | st.floats())
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(max_size=300), truth=st.integers(min_value=-(10**30), max_value=10**30))
+@given(text=st.text(max_size=300) | st.text(alphabet="#$ ,.-/0123456789\n", max_size=60), truth=_TRUTHS)
 def test_never_raises_on_arbitrary_text(text, truth):
+    # compute_score has no catch-all: an exception inside it fails this test
+    # (tests/test_math_rewards.py::test_never_raises_tests_can_fail plants one to prove it)
     for method in ("strict", "flexible"):
-        value = compute_score(text, str(truth), method=method, format_score=0.25)
+        value = compute_score(text, truth, method=method, format_score=0.25)
         assert value in (0.0, 0.25, 1.0)
 
 

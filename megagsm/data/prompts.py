@@ -13,9 +13,13 @@ steps score lower reward for no reason of its own (several public recipes lose r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+from megagsm.data.chat import Messages, render_chat, render_plain
+from megagsm.errors import UserError
 
 UseChatTemplate = Literal["auto", "always", "never"]
+Truncation = Literal["left", "right", "error"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,11 @@ def register_template(template: PromptTemplate) -> PromptTemplate:
 
 
 def get_template(name: str | PromptTemplate) -> PromptTemplate:
+    """A registered template by name; ``"default"`` (data.prompt_template's default) is DEFAULT_TEMPLATE."""
     if isinstance(name, PromptTemplate):
         return name
+    if name == "default":
+        name = DEFAULT_TEMPLATE
     try:
         return _TEMPLATES[name]
     except KeyError:
@@ -134,3 +141,53 @@ def encode_prompt(
     return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
 
 
+def build_messages_prompt(messages: Messages, tokenizer: Any = None, *,
+                          use_chat_template: UseChatTemplate = "auto") -> str:
+    """The prompt text of chat messages (verl's ``prompt`` column): the chat template with the
+    generation prompt when the tokenizer has one, else :func:`megagsm.data.chat.render_plain`."""
+    if _resolve_chat(tokenizer, use_chat_template):
+        return render_chat(messages, tokenizer, add_generation_prompt=True)
+    return render_plain(messages)
+
+
+def build_example_prompt(example: Any, tokenizer: Any = None, template: str | PromptTemplate = DEFAULT_TEMPLATE,
+                         *, use_chat_template: UseChatTemplate = "auto", system_prompt: str | None = None) -> str:
+    """The prompt text of an example: its chat ``messages`` when it has them (the template is not
+    applied: they carry their own instruction), else ``template`` around its ``question``."""
+    messages = getattr(example, "messages", None)
+    if messages:
+        return build_messages_prompt(messages, tokenizer, use_chat_template=use_chat_template)
+    return build_prompt(example.question, tokenizer, template, use_chat_template=use_chat_template,
+                        system_prompt=system_prompt)
+
+
+def encode_example_prompt(example: Any, tokenizer: Any, template: str | PromptTemplate = DEFAULT_TEMPLATE,
+                          *, use_chat_template: UseChatTemplate = "auto", system_prompt: str | None = None) -> list[int]:
+    """Token ids of :func:`build_example_prompt`, tokenised as :func:`encode_prompt` does (chat text
+    without added special tokens, plain text with them)."""
+    messages = getattr(example, "messages", None)
+    if not messages:
+        return encode_prompt(example.question, tokenizer, template, use_chat_template=use_chat_template,
+                             system_prompt=system_prompt)
+    chat = _resolve_chat(tokenizer, use_chat_template)
+    text = build_messages_prompt(messages, tokenizer, use_chat_template="always" if chat else "never")
+    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+
+def truncate_prompt(ids: Sequence[int], limit: int, truncation: Truncation, what: str) -> list[int]:
+    """Prompt ids cut to ``limit`` (data.max_prompt_len) tokens: ``left`` keeps the end (verl's
+    ``truncation=left``), ``right`` the start; ``error`` raises a UserError naming ``what`` (e.g.
+    "train.parquet row 7") and data.max_prompt_len."""
+    ids = list(ids)
+    if limit < 1:
+        raise UserError(f"data.max_prompt_len={limit} is out of range (allowed: >= 1)")
+    if len(ids) <= limit:
+        return ids
+    if truncation == "left":
+        return ids[len(ids) - limit:]
+    if truncation == "right":
+        return ids[:limit]
+    if truncation == "error":
+        raise UserError(f"{what}: the prompt has {len(ids)} tokens, more than data.max_prompt_len={limit} "
+                        "(data.truncation=error; set data.truncation=left or right, or a larger data.max_prompt_len)")
+    raise UserError(f"data.truncation={truncation!r} is not one of 'left', 'right', 'error'")

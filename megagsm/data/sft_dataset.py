@@ -18,6 +18,11 @@ Truncation when ``full`` is longer than ``seq_length + 1``:
 - ``"right"``: cut the end of the response (the EOS goes first). Raises if no response token is left.
 - ``"error"``: raise :class:`SequenceTooLongError` naming the row.
 
+Examples with chat ``messages`` (verl's ``prompt`` column) take them as the prompt (chat template, or
+the plain rendering of :mod:`megagsm.data.chat`). Examples with a ``conversation`` (``data.messages_key``)
+are one token sequence with the loss on every assistant turn (:func:`build_conversation_sample`);
+``"left"`` truncation drops tokens from the start (a leading BOS kept), ``"right"`` from the end.
+
 Padding uses the pad id in ``input_ids`` and ``labels`` with ``loss_mask`` 0: labels must stay valid
 vocabulary ids because megatron's vocab-parallel cross entropy has no ignore index.
 """
@@ -29,15 +34,24 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from megagsm.data.chat import encode_conversation
 from megagsm.data.gsm8k import GSM8KExample, strip_calculator_annotations
-from megagsm.data.prompts import DEFAULT_TEMPLATE, PromptTemplate, UseChatTemplate, encode_prompt
+from megagsm.data.prompts import (
+    DEFAULT_TEMPLATE,
+    PromptTemplate,
+    UseChatTemplate,
+    encode_example_prompt,
+    encode_prompt,
+    prompt_uses_chat_template,
+)
+from megagsm.errors import UserError
 
 Truncation = Literal["left", "right", "error"]
 Sample = dict[str, torch.Tensor]
 
 
-class SequenceTooLongError(ValueError):
-    pass
+class SequenceTooLongError(UserError):
+    """A row that does not fit data.seq_length under data.truncation; the message names the row."""
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -121,6 +135,21 @@ def build_sft_sample(
     row_name: str = "row",
 ) -> Sample:
     prompt_ids = encode_prompt(question, tokenizer, template, use_chat_template=use_chat_template)
+    return sample_from_prompt_ids(prompt_ids, response, tokenizer, seq_length, truncation=truncation,
+                                  add_eos=add_eos, row_name=row_name)
+
+
+def sample_from_prompt_ids(
+    prompt_ids: Sequence[int],
+    response: str,
+    tokenizer: Any,
+    seq_length: int,
+    *,
+    truncation: Truncation = "left",
+    add_eos: bool = True,
+    row_name: str = "row",
+) -> Sample:
+    """A sample from already encoded prompt ids and the response text (tokenised without specials)."""
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if add_eos:
         if tokenizer.eos_token_id is None:
@@ -133,6 +162,47 @@ def build_sft_sample(
     return make_sample(prompt_ids, response_ids)
 
 
+def truncate_masked(ids: Sequence[int], mask: Sequence[int], max_tokens: int, truncation: Truncation, *,
+                    bos_id: int | None = None, row_name: str = "row") -> tuple[list[int], list[int]]:
+    """Fit a conversation's ids (and its per-token loss mask) into ``max_tokens`` raw tokens."""
+    ids, mask = list(ids), list(mask)
+    if len(ids) > max_tokens:
+        if truncation == "error":
+            raise SequenceTooLongError(f"{row_name}: {len(ids)} tokens exceed seq_length + 1 = {max_tokens}; "
+                                       "use truncation='left' or 'right', or a longer seq_length")
+        if truncation == "left":
+            keep_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
+            head = 1 if keep_bos else 0
+            cut = len(ids) - max_tokens
+            ids, mask = ids[:head] + ids[head + cut:], mask[:head] + mask[head + cut:]
+        elif truncation == "right":
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        else:
+            raise ValueError(f"truncation must be 'left', 'right' or 'error', got {truncation!r}")
+    if not any(mask[1:]):  # labels are ids[1:]: the first token is never a label
+        raise SequenceTooLongError(f"{row_name}: no assistant token is left to train on in seq_length + 1 = "
+                                   f"{max_tokens} tokens (truncation={truncation!r}); use a longer seq_length")
+    return ids, mask
+
+
+def build_conversation_sample(messages, tokenizer: Any, seq_length: int, *, truncation: Truncation = "left",
+                              use_chat_template: UseChatTemplate = "auto", row_name: str = "row") -> Sample:
+    """A multi-turn SFT sample: input_ids/labels as in :func:`make_sample`, ``loss_mask[t] = 1`` where
+    ``labels[t]`` is a token of an assistant turn (see :mod:`megagsm.data.chat`)."""
+    use_chat = prompt_uses_chat_template(tokenizer, use_chat_template)
+    ids, mask = encode_conversation(messages, tokenizer, use_chat, row_name=row_name)
+    ids, mask = truncate_masked(ids, mask, seq_length + 1, truncation,
+                                bos_id=getattr(tokenizer, "bos_token_id", None), row_name=row_name)
+    full = torch.tensor(ids, dtype=torch.long)
+    n = len(ids) - 1
+    return {
+        "input_ids": full[:-1].clone(),
+        "labels": full[1:].clone(),
+        "loss_mask": torch.tensor(mask[1:], dtype=torch.float32),
+        "position_ids": torch.arange(n, dtype=torch.long),
+    }
+
+
 def _question_answer(example: Any) -> tuple[str, str]:
     if isinstance(example, GSM8KExample) or (hasattr(example, "question") and hasattr(example, "answer")):
         return example.question, example.answer
@@ -143,7 +213,9 @@ def _question_answer(example: Any) -> tuple[str, str]:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Tokenised SFT samples of GSM8K-style examples (GSM8KExample, {"question","answer"} or pairs).
+    """Tokenised SFT samples of GSM8K-style examples (GSM8KExample, {"question","answer"} or pairs);
+    a GSM8KExample with ``messages`` uses them as its prompt, one with a ``conversation`` trains on its
+    assistant turns.
 
     Tokenises everything up front: GSM8K-sized sets take seconds, and packing needs the lengths.
     """
@@ -167,12 +239,28 @@ class SFTDataset(torch.utils.data.Dataset):
         self.pad_id = _pad_id(tokenizer)
         self.samples: list[Sample] = []
         for index, example in enumerate(examples):
+            row_name = f"{source_name} row {index}"
+            conversation = getattr(example, "conversation", None)
+            if conversation:
+                self.samples.append(build_conversation_sample(
+                    conversation, tokenizer, seq_length, truncation=truncation,
+                    use_chat_template=use_chat_template, row_name=row_name))
+                continue
             question, answer = _question_answer(example)
+            if not isinstance(answer, str) or not answer.strip():
+                raise UserError(f"{row_name}: no response to train on (verl RL rows need extra_info.answer; "
+                                "set data.answer_key to the column holding the solution)")
             response = strip_calculator_annotations(answer) if strip_calculator else answer
+            if getattr(example, "messages", None):
+                prompt_ids = encode_example_prompt(example, tokenizer, template, use_chat_template=use_chat_template)
+                self.samples.append(sample_from_prompt_ids(
+                    prompt_ids, response, tokenizer, seq_length, truncation=truncation, add_eos=add_eos,
+                    row_name=row_name))
+                continue
             self.samples.append(
                 build_sft_sample(
                     question, response, tokenizer, seq_length, template=template, truncation=truncation,
-                    use_chat_template=use_chat_template, add_eos=add_eos, row_name=f"{source_name} row {index}",
+                    use_chat_template=use_chat_template, add_eos=add_eos, row_name=row_name,
                 )
             )
 
