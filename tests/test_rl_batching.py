@@ -7,7 +7,8 @@ import torch
 from megagsm.config.errors import ConfigError
 from megagsm.rl.batching import LABEL_PAD, Rollouts, build_minibatches, compute_advantages, padded_length
 from megagsm.rl.losses import policy_loss
-from megagsm.rl.rollout import PromptSchedule, Scorer, rank_share, rollout_seed
+from megagsm.rewards import make_batch_scorer
+from megagsm.rl.rollout import PromptSchedule, rank_share, rollout_seed
 from megagsm.rl.update import LossSpec, MetricSums, microbatch_loss
 
 
@@ -50,11 +51,18 @@ def test_rollout_seeds_differ_per_step_and_rank():
 
 
 def test_scorer_resolves_the_extraction_method():
+    from megagsm.config.algorithm import GSPOConfig
+
     texts = ["so the answer is 12\n#### 12", "the answer is 12"]
-    assert Scorer("gsm8k", "strict")(texts, ["12", "12"]).tolist() == [1.0, 0.0]
-    assert Scorer("gsm8k", "flexible")(texts, ["12", "12"]).tolist() == [1.0, 1.0]
+
+    def scorer(reward, method):
+        return make_batch_scorer(GSPOConfig(reward=reward, reward_method=method), 16)
+
+    sources = ["openai/gsm8k"] * 2
+    assert scorer("gsm8k", "strict").rewards(texts, ["12", "12"], sources) == [1.0, 0.0]
+    assert scorer("gsm8k", "flexible").rewards(texts, ["12", "12"], sources) == [1.0, 1.0]
     with pytest.raises(ConfigError, match="reward='nope'"):
-        Scorer("nope", "strict")
+        scorer("nope", "strict")
 
 
 # ---------------------------------------------------------------- batching

@@ -39,6 +39,12 @@ class TrainConfig:
     loss: Literal["plain", "chunked"] = "chunked"
     loss_chunk_size: int = 1024        # tokens per chunk for loss=chunked
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # held-out evaluation sampling (verl's val_kwargs): eval_n samples per problem report mean@n as
+    # accuracy, plus pass@n and maj@n when eval_n > 1; eval_temperature 0 is greedy decoding
+    eval_n: int = 1
+    eval_temperature: float = 0.0
+    eval_top_p: float = 1.0
+    eval_reward: str = "auto"          # auto: each problem's reward from its data_source (gsm8k strict, math, math_dapo)
 
     def checkpoint_dir(self) -> str:
         return self.save_dir if self.save_dir is not None else os.path.join(self.output_dir, "checkpoints")

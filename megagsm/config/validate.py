@@ -28,6 +28,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     problems += _batch_problems(cfg, world_size)
     problems += _data_problems(cfg)
     problems += _range_problems(cfg)
+    if cfg.algorithm.name == "gspo":
+        problems += cfg.algorithm.gspo.problems(cfg.generation.max_new_tokens)
     try:
         cfg.model.moe.validate()
     except ValueError as e:  # its messages name the model.moe.* field
@@ -146,6 +148,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         ("train.log_interval", t.log_interval, t.log_interval >= 1, ">= 1"),
         ("train.eval_max_examples", t.eval_max_examples, t.eval_max_examples >= 0, ">= 0 (0: all)"),
         ("train.loss_chunk_size", t.loss_chunk_size, t.loss_chunk_size >= 1, ">= 1"),
+        ("train.eval_n", t.eval_n, t.eval_n >= 1, ">= 1"),
+        ("train.eval_temperature", t.eval_temperature, t.eval_temperature >= 0, ">= 0 (0: greedy)"),
+        ("train.eval_top_p", t.eval_top_p, 0 < t.eval_top_p <= 1, "(0, 1]"),
         ("train.resume", t.resume, t.resume in ("auto", "none") or os.path.exists(t.resume),
          "'auto', 'none' or an existing checkpoint path"),
         ("data.max_prompt_len", d.max_prompt_len, d.max_prompt_len >= 1, ">= 1"),

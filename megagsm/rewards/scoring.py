@@ -31,16 +31,24 @@ class BatchScorer:
     overlong_factor: float = 1.0
     max_response_len: int = 0
 
-    def rewards(self, texts: Sequence[str], ground_truths: Sequence[Any], data_sources: Sequence[str],
-                lengths: Sequence[int] | None = None) -> list[float]:
-        """The reward of each response (``lengths``: its token count, needed with the overlong penalty)."""
-        scores = [float(self.fn(t, g, data_source=s)) for t, g, s in zip(texts, ground_truths, data_sources)]
+    def scores(self, texts: Sequence[str], ground_truths: Sequence[Any], data_sources: Sequence[str]) -> list[float]:
+        """The reward function's own score of each response (no length penalty)."""
+        return [float(self.fn(t, g, data_source=s)) for t, g, s in zip(texts, ground_truths, data_sources)]
+
+    def with_penalty(self, scores: Sequence[float], lengths: Sequence[int] | None) -> list[float]:
+        """`scores` plus the overlong penalty, when enabled (``lengths``: response token counts)."""
+        scores = list(scores)
         if self.overlong_len:
             if lengths is None:
                 raise ValueError("the overlong penalty needs the response lengths")
             scores = [r + overlong_penalty(n, self.max_response_len, self.overlong_len, self.overlong_factor)
                       for r, n in zip(scores, lengths)]
         return scores
+
+    def rewards(self, texts: Sequence[str], ground_truths: Sequence[Any], data_sources: Sequence[str],
+                lengths: Sequence[int] | None = None) -> list[float]:
+        """The reward of each response (``lengths``: its token count, needed with the overlong penalty)."""
+        return self.with_penalty(self.scores(texts, ground_truths, data_sources), lengths)
 
 
 def make_batch_scorer(gspo_config, max_response_len: int, data_sources: Sequence[str] = ()) -> BatchScorer:

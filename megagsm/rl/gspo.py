@@ -22,19 +22,19 @@ import torch
 
 from megagsm.config import RunConfig
 from megagsm.config.errors import ConfigError
-from megagsm.data.prompts import encode_prompt
+from megagsm.data.prompts import encode_example_prompt, truncate_prompt
 from megagsm.generation import generate_batched
 from megagsm.models.training import sequence_length_multiple
 from megagsm.rl.batching import Advantages, Rollouts, build_minibatches, compute_advantages
 from megagsm.rl.reference import ReferencePolicy
-from megagsm.rl.rollout import (PromptSchedule, Scorer, check_placement, rank_share, rollout_seed, sampling_params,
-                                stop_token_ids)
+from megagsm.rewards import make_batch_scorer
+from megagsm.rl.rollout import PromptSchedule, check_placement, rank_share, rollout_seed, sampling_params, stop_token_ids
 from megagsm.rl.update import LossSpec, compute_log_probs, update_policy, with_log_probs
 from megagsm.runtime.collectives import dp_group, reduce_numbers
 from megagsm.utils.logging import get_logger
 
 log = get_logger(__name__)
-UPDATE_METRICS = ["entropy", "logprob_diff_gen", "pg_clipfrac", "ratio_mean", "seq_ratio_mean",
+UPDATE_METRICS = ["entropy", "logprob_diff_gen", "pg_clipfrac", "pg_clipfrac_lower", "ratio_mean", "seq_ratio_mean",
                   "approx_kl_k1", "approx_kl_k3", "kl_loss"]
 
 
@@ -66,11 +66,11 @@ class GSPO:
         info = trainer.info
         check_placement(g.prompts_per_step, g.mini_batches, info.dp_size)
         self.samples_per_step = g.prompts_per_step
-        self.reward_method = g.reward_method
         self.needs_initial_policy = g.kl_coef > 0
         self.schedule = PromptSchedule(len(trainer.train_examples), g.prompts_per_step, cfg.train.seed)
         self.share = rank_share(g.prompts_per_step, g.mini_batches, info.dp_size, info.dp_rank)
-        self.scorer = Scorer(g.reward, g.reward_method)
+        self.scorer = make_batch_scorer(g, cfg.generation.max_new_tokens,
+                                        [e.data_source for e in trainer.train_examples])
         tokenizer = trainer.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.spec = LossSpec.from_config(g, cfg.generation, trainer.vocab_limit)
@@ -85,14 +85,9 @@ class GSPO:
     def prompt(self, index: int) -> list[int]:
         if index not in self._prompts:
             data = self.cfg.data
-            ids = encode_prompt(self.trainer.train_examples[index].question, self.trainer.tokenizer,
-                                data.prompt_template)
-            if len(ids) > data.max_prompt_len:
-                if data.truncation == "error":
-                    raise ConfigError(f"prompt of training example {index} has {len(ids)} tokens > "
-                                      f"data.max_prompt_len={data.max_prompt_len} (data.truncation=error)")
-                ids = ids[-data.max_prompt_len:] if data.truncation == "left" else ids[:data.max_prompt_len]
-            self._prompts[index] = ids
+            ids = encode_example_prompt(self.trainer.train_examples[index], self.trainer.tokenizer, data.prompt_template)
+            self._prompts[index] = truncate_prompt(ids, data.max_prompt_len, data.truncation,
+                                                   what=f"training example {index}")
         return self._prompts[index]
 
     # ------------------------------------------------------------------ one step
@@ -107,10 +102,11 @@ class GSPO:
                                max_batch_size=gen.max_batch_size, pad_token_id=self.pad_id,
                                vocab_limit=trainer.vocab_limit)
         generated = time.perf_counter()
-        truths = [trainer.train_examples[i].final_answer for _, i in mine for _ in range(g.n_rollouts)]
-        rewards = self.scorer(out.texts, truths)
-        scored = time.perf_counter()
+        examples = [trainer.train_examples[i] for _, i in mine for _ in range(g.n_rollouts)]
         lengths = out.lengths.tolist()
+        scores = self.scorer.scores(out.texts, [e.final_answer for e in examples], [e.data_source for e in examples])
+        rewards = torch.tensor(self.scorer.with_penalty(scores, lengths), dtype=torch.float32)
+        scored = time.perf_counter()
         rollouts = Rollouts(
             prompts=[self.prompt(i) for _, i in mine for _ in range(g.n_rollouts)],
             responses=out.completions(), rewards=rewards,
@@ -118,7 +114,7 @@ class GSPO:
             gen_log_probs=[out.logprobs[j, :n] for j, n in enumerate(lengths)])
         stats = RolloutStats(time_generate=generated - started, time_score=scored - generated,
                              truncated=sum(r == "length" for r in out.finish_reasons),
-                             correct=float((rewards >= self.scorer.full_score).sum()), lengths=lengths)
+                             correct=float(sum(s >= 1.0 for s in scores)), lengths=lengths)
         return rollouts, stats
 
     def train_step(self, step: int) -> dict:

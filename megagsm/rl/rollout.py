@@ -12,14 +12,12 @@ DP2 or PP2, which is what makes the update layout-invariant.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from megagsm.config.errors import ConfigError
 from megagsm.config.generation import GenerationConfig
 from megagsm.generation import SamplingParams
-from megagsm.rewards import get_reward, list_rewards
 
 
 class PromptSchedule:
@@ -84,27 +82,3 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids = tokenizer.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     return ids
-
-
-@dataclass
-class Scorer:
-    """Reward of a decoded completion; ``correct`` when it earns the full score."""
-
-    name: str
-    method: str
-    full_score: float = 1.0
-
-    def __post_init__(self):
-        # the gsm8k family registers one function per extraction method: gsm8k_strict, gsm8k_flexible
-        qualified = f"{self.name}_{self.method}"
-        available = list_rewards()
-        if qualified in available:
-            self.fn = get_reward(qualified)
-        elif self.name in available:
-            self.fn = get_reward(self.name)
-        else:
-            raise ConfigError(f"algorithm.gspo.reward={self.name!r} is not a registered reward "
-                              f"(known: {', '.join(available)})")
-
-    def __call__(self, texts: list[str], ground_truths: list) -> torch.Tensor:
-        return torch.tensor([float(self.fn(t, g)) for t, g in zip(texts, ground_truths)], dtype=torch.float32)

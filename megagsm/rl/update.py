@@ -52,13 +52,14 @@ class LossSpec:
     temperature: float = 1.0            # the sampler's: log-probs are those of the tempered policy
     vocab_limit: int | None = None
     norm: float | None = None           # seq-mean-token-sum-norm's constant (max response length)
+    clip_ratio_c: float | None = None   # dual clip for negative advantages (None: off)
 
     @classmethod
     def from_config(cls, gspo: GSPOConfig, generation: GenerationConfig, vocab_limit: int | None) -> LossSpec:
         return cls(mode=gspo.loss_mode, clip_ratio_low=gspo.clip_ratio_low, clip_ratio_high=gspo.clip_ratio_high,
                    loss_agg_mode=gspo.loss_agg_mode, kl_coef=gspo.kl_coef,
                    temperature=generation.temperature if generation.temperature > 0 else 1.0,
-                   vocab_limit=vocab_limit, norm=float(generation.max_new_tokens))
+                   vocab_limit=vocab_limit, norm=float(generation.max_new_tokens), clip_ratio_c=gspo.clip_ratio_c)
 
     @property
     def per_token(self) -> bool:
@@ -200,12 +201,12 @@ def microbatch_loss(log_prob: torch.Tensor, batch: dict, spec: LossSpec):
         loss_agg_mode=spec.loss_agg_mode,
         # sums, not means: megatron divides by the global count (see the module docstring)
         num_tokens=1.0 if spec.per_token else None, num_seqs=None if spec.per_token else 1.0,
-        norm=spec.norm, ref_log_prob=batch.get("ref_log_prob"), kl_coef=spec.kl_coef)
+        norm=spec.norm, ref_log_prob=batch.get("ref_log_prob"), kl_coef=spec.kl_coef, clip_ratio_c=spec.clip_ratio_c)
     tokens = mask.sum()
     seqs = (mask.sum(-1) > 0).sum()  # filler rows are empty and do not count
     count = tokens if spec.per_token else seqs
     report = {"lm_loss": torch.stack([loss.detach().float(), count.detach().float()])}
-    for name in ("pg_clipfrac", "ratio_mean", "approx_kl_k1", "approx_kl_k3", "kl_loss"):
+    for name in ("pg_clipfrac", "pg_clipfrac_lower", "ratio_mean", "approx_kl_k1", "approx_kl_k3", "kl_loss"):
         if name in metrics:
             report[_METRIC + name] = metric_entry(metrics[name], tokens)
     report[_METRIC + "seq_ratio_mean"] = metric_entry(metrics["seq_ratio_mean"], seqs)

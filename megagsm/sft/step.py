@@ -28,7 +28,6 @@ def sft_forward_step(train: TrainConfig):
 class SFT:
     phase = "sft"
     plot_keys = ["loss", "val_loss", "accuracy", "lr"]
-    reward_method = "strict"
     needs_initial_policy = False
 
     def __init__(self, trainer):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Protocol
 
 from megagsm.checkpoint.export import export_hf
@@ -25,16 +26,17 @@ from megagsm.checkpoint.manager import CheckpointManager, TrainerState, read_tra
 from megagsm.checkpoint.manifest import hf_side_files_writer
 from megagsm.checkpoint.model_weights import save_mcore_checkpoint
 from megagsm.config import RunConfig, save_config
-from megagsm.data.examples import load_examples
+from megagsm.data.from_config import load_run_examples
+from megagsm.eval import EvalSampling, evaluate_model
 from megagsm.models.gpt import unwrap_model
 from megagsm.models.lora import apply_lora, merge_lora
 from megagsm.models.provider import load_tokenizer
 from megagsm.models.training import build_optimizer, wrap_ddp
 from megagsm.runtime import init_runtime
-from megagsm.train.evaluation import greedy_accuracy
 from megagsm.train.model import build_model
 from megagsm.train.optim import build_scheduler, current_lr, optimizer_config
 from megagsm.utils.logging import get_logger, progress
+from megagsm.rewards import make_batch_scorer
 from megagsm.utils.metrics import MetricsWriter, plot_metrics
 from megagsm.utils.rank import is_rank0
 
@@ -47,7 +49,6 @@ class Algorithm(Protocol):
     phase: str                 # metrics phase and progress-bar label
     plot_keys: list[str]       # metrics drawn in <output_dir>/<phase>_metrics.png
     samples_per_step: int      # consumed_samples per step in the trainer state
-    reward_method: str         # how held-out answers are scored (gsm8k strict / flexible)
     needs_initial_policy: bool  # model.load must be applied even when resuming (GSPO's KL reference)
 
     def __init__(self, trainer: Trainer) -> None: ...
@@ -95,9 +96,13 @@ class Trainer:
         # megatron pads the embedding table (to a multiple of tp and more): those rows are not tokens
         model_vocab = unwrap_model(self.chunks[0]).vocab_size
         self.vocab_limit = len(self.tokenizer) if len(self.tokenizer) < model_vocab else None
-        self.train_examples, self.held_out = load_examples(cfg.data)
+        self.train_examples, self.held_out = load_run_examples(cfg.data)
         if t.eval_max_examples:
             self.held_out = self.held_out[:t.eval_max_examples]
+        self.eval_scorer = make_batch_scorer(
+            SimpleNamespace(reward=t.eval_reward, reward_method=cfg.algorithm.gspo.reward_method,
+                            overlong_buffer=SimpleNamespace(enable=False)),
+            cfg.generation.max_new_tokens, [e.data_source for e in self.held_out])
         self.metrics = MetricsWriter(t.output_dir)
         self.checkpoints = CheckpointManager(
             t.checkpoint_dir(), t.keep_last_n,
@@ -129,12 +134,18 @@ class Trainer:
         started = time.perf_counter()
         row = self.algorithm.evaluate(self.step)
         if t.eval_accuracy and self.held_out:
-            acc = greedy_accuracy(self.chunks, self.held_out, self.tokenizer, self.cfg.data, self.cfg.generation,
-                                  method=self.algorithm.reward_method)
-            row["accuracy"] = acc.accuracy
-            for sample in acc.samples[:1]:
-                log.info("sample at step %d: %r -> %r (reference %s)", self.step, sample["question"][-80:],
-                         sample["completion"][:120], sample["reference"])
+            d, gen = self.cfg.data, self.cfg.generation
+            sampling = EvalSampling(n=t.eval_n, temperature=t.eval_temperature, top_p=t.eval_top_p,
+                                    max_new_tokens=gen.max_new_tokens, seed=gen.seed + self.step)
+            result = evaluate_model(self.chunks, self.held_out, self.tokenizer, self.eval_scorer, sampling,
+                                    template=d.prompt_template, max_prompt_len=d.max_prompt_len,
+                                    truncation=d.truncation, max_batch_size=gen.max_batch_size,
+                                    vocab_limit=self.vocab_limit, keep_samples=True)
+            row.update(result.metrics())
+            for sample in result.samples[:1]:
+                log.info("sample at step %d: %r -> %r (reference %s)", self.step,
+                         self.held_out[sample["index"]].question[-80:], sample["response"][:120],
+                         sample["ground_truth"])
         if row:
             row["time_eval"] = time.perf_counter() - started
             log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
