@@ -259,6 +259,18 @@ def test_processed_logprobs_are_the_sampling_distribution():
         assert math.isclose(l, expected[top.indices.tolist().index(t)].item(), abs_tol=1e-6)
 
 
+def test_tempered_logprobs_are_what_the_trainer_recomputes():
+    """logprobs="tempered": log_softmax(logits / T)[token] over the whole vocabulary, top-k/top-p or not
+    (the GSPO trainer's log-probs, so the sampler-vs-trainer diagnostic compares like with like)."""
+    logits = _logits(b=1, v=12, seed=5)
+    expected = torch.log_softmax(logits[0] / 0.7, -1)
+    for extra in ({}, {"top_k": 3}, {"top_p": 0.5}):
+        params = SamplingParams(temperature=0.7, logprobs="tempered", seed=1, **extra)
+        tokens, lp = Sampler(params, torch.device("cpu"))(logits.expand(32, -1))
+        for t, l in zip(tokens.tolist(), lp.tolist()):
+            assert math.isclose(l, expected[t].item(), abs_tol=1e-6), extra
+
+
 def test_compaction_moves_fill_holes_from_the_tail():
     finished = torch.tensor([True, False, True, False, False, True, False])
     holes, movers = _compaction_moves(finished)

@@ -55,6 +55,7 @@ class Case(NamedTuple):
     clip: tuple[float, float]   # (low, high)
     temperature: float
     vocab_limit: int | None
+    skip_old_pass: bool = False  # on-policy: the update's own log-probs serve as the old ones
 
 
 CASES = {
@@ -63,6 +64,7 @@ CASES = {
     "grpo_token_mean": Case("grpo", "token-mean", True, 4, 4, 1, 2, (0.2, 0.28), 1.0, None),
     "gspo_token_norm": Case("gspo_token", "seq-mean-token-sum-norm", False, 4, 4, 2, 1, (0.01, 0.01), 1.0, 100),
     "on_policy": Case("gspo", "seq-mean-token-mean", False, 4, 4, 1, 1, (3e-4, 4e-4), 1.0, None),
+    "on_policy_skip": Case("gspo", "seq-mean-token-mean", False, 4, 4, 1, 1, (3e-4, 4e-4), 1.0, None, True),
 }
 
 
@@ -98,7 +100,7 @@ def _update_all(layouts: dict, micro_batch_size: int, init_state):
     from megagsm.rl.batching import build_minibatches, compute_advantages
     from megagsm.models.training import sequence_length_multiple
     from megagsm.rl.gspo import UPDATE_METRICS
-    from megagsm.rl.update import LossSpec, compute_log_probs, update_policy, with_log_probs
+    from megagsm.rl.update import LogProbs, LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs
     from megagsm.runtime import init_runtime
     from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
     from megagsm.testing.parity import tiny_gpt_model
@@ -123,11 +125,14 @@ def _update_all(layouts: dict, micro_batch_size: int, init_state):
                                             sequence_length_multiple(parallel))
             spec = LossSpec(mode=case.mode, clip_ratio_low=case.clip[0], clip_ratio_high=case.clip[1],
                             loss_agg_mode=case.agg, temperature=case.temperature, vocab_limit=case.vocab_limit,
-                            norm=12.0)
+                            norm=12.0, on_policy=case.skip_old_pass)
             # (the sampler's log-probs are unknown here: build_minibatches leaves them zero)
-            old = compute_log_probs(chunks, minibatches, spec, with_metrics=True)
-            result = update_policy(chunks, optimizer, with_log_probs(minibatches, old, "old_log_prob"), spec,
-                                   case.epochs)
+            if case.skip_old_pass:
+                old = LogProbs([], MetricSums())
+            else:
+                old = compute_log_probs(chunks, minibatches, spec, with_metrics=True)
+                minibatches = with_log_probs(minibatches, old, "old_log_prob")
+            result = update_policy(chunks, optimizer, minibatches, spec, case.epochs)
             out[(lname, cname)] = {
                 "init": init, "final": gather_full_state_dict(chunks, dst=0), "losses": result.losses,
                 "grad_norms": result.grad_norms, "updates": result.updates, "skipped": result.skipped,
@@ -304,6 +309,21 @@ def test_first_update_is_on_policy_and_clipping_is_exercised(launches):
     assert on_policy["approx_kl_k3"] == 0.0
     clipfrac = single[("tp1", "gspo")]["metrics"]["pg_clipfrac"]
     assert 0.0 < clipfrac < 1.0  # later mini-batches/epochs move past 3e-4 for some sequences only
+
+
+def test_on_policy_update_without_the_old_log_prob_pass_is_the_same_update(launches):
+    """One mini-batch, one epoch: skipping the forward-only pass (old = the update's own log-probs,
+    detached) gives the parameters and metrics of the two-pass update, at every layout."""
+    single, pair, layouts = launches
+    from megagsm.testing.parity import max_param_diff
+
+    for results, names in ((single, ["tp1"]), (pair["update"], layouts)):
+        for lname in names:
+            two_pass, skipped = results[(lname, "on_policy")], results[(lname, "on_policy_skip")]
+            assert max_param_diff(two_pass["final"], skipped["final"])[0] < 1e-7, lname
+            assert skipped["losses"] == pytest.approx(two_pass["losses"], rel=1e-6, abs=1e-9)
+            for name, value in two_pass["metrics"].items():
+                assert skipped["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (lname, name)
 
 
 def test_log_probs_match_a_full_vocab_softmax_under_tp2(launches):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megagsm.data.prompts import encode_example_prompt, truncate_prompt
+from megagsm.errors import UserError
 from megagsm.generation import SamplingParams, generate_batched
 from megagsm.rewards.gsm8k import extract_answer
 from megagsm.rewards.latex_answers import last_boxed
@@ -82,6 +83,10 @@ def evaluate_model(model_chunks: list, examples: list, tokenizer, scorer: BatchS
     mine = list(range(dp_rank, len(examples), dp_size))
     prompts = [truncate_prompt(encode_example_prompt(examples[i], tokenizer, template), max_prompt_len, truncation,
                                what=f"held-out example {i}") for i in mine]
+    for i, ids in zip(mine, prompts):
+        if not ids:
+            raise UserError(f"held-out example {i} tokenizes to no tokens with the tokenizer of this model "
+                            f"({getattr(tokenizer, 'name_or_path', '?')}): is it the model's own tokenizer?")
     texts: list[str] = []
     if prompts:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-LOGPROB_MODES = ("raw", "processed", "none")
+LOGPROB_MODES = ("raw", "tempered", "processed", "none")
 
 
 @dataclass
@@ -30,7 +30,10 @@ class SamplingParams:
     seed: int = 0                     # reproducible given the seed and the parallel layout
     stop_token_ids: Sequence[int] = field(default_factory=tuple)  # EOS ids
     stop_strings: Sequence[str] = field(default_factory=tuple)    # need a tokenizer
-    logprobs: str = "raw"             # raw | processed | none
+    # the log-prob stored per sampled token: raw = log softmax(logits); tempered = log softmax(logits / T),
+    # what a trainer recomputes (no top-k/top-p); processed = under the distribution actually sampled
+    # from (temperature, then top-k/top-p renormalised); none
+    logprobs: str = "raw"
 
     def __post_init__(self):
         problems = []
@@ -112,10 +115,13 @@ class Sampler:
         tokens = choice.squeeze(-1) if cand_ids is None else cand_ids.gather(-1, choice).squeeze(-1)
         if p.logprobs == "processed":
             return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1)
+        if p.logprobs == "tempered":
+            return tokens, self._raw_logprobs(scaled, tokens)
         return tokens, self._raw_logprobs(full, tokens)
 
     def _raw_logprobs(self, full: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
-        """log_softmax(full)[token] without materialising the whole log_softmax."""
+        """log_softmax(full)[token] without materialising the whole log_softmax (greedy decoding and
+        temperature 1 store these whatever the mode: there they are the tempered ones too)."""
         if self.params.logprobs == "none":
             return None
         picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

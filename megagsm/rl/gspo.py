@@ -16,7 +16,7 @@ LR schedule steps once per GSPO step (optim.warmup_steps counts GSPO steps, as i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,7 +29,7 @@ from megagsm.rl.batching import Advantages, Rollouts, build_minibatches, compute
 from megagsm.rl.reference import ReferencePolicy
 from megagsm.rewards import make_batch_scorer
 from megagsm.rl.rollout import PromptSchedule, check_placement, rank_share, rollout_seed, sampling_params, stop_token_ids
-from megagsm.rl.update import LossSpec, compute_log_probs, update_policy, with_log_probs
+from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs
 from megagsm.runtime.collectives import dp_group, reduce_numbers
 from megagsm.utils.logging import get_logger
 
@@ -126,17 +126,21 @@ class GSPO:
         minibatches = build_minibatches(rollouts, advantages, g.mini_batches, self.cfg.train.micro_batch_size,
                                         self.multiple, device=trainer.info.device)
         logprob_started = time.perf_counter()
-        old = compute_log_probs(trainer.chunks, minibatches, self.spec, with_metrics=True)
-        minibatches = with_log_probs(minibatches, old, "old_log_prob")
+        # exactly on-policy: the update's own log-probs are the old ones (no forward-only pass)
+        spec = replace(self.spec, on_policy=g.mini_batches == 1 and g.ppo_epochs == 1)
+        old_metrics = MetricSums()
+        if not spec.on_policy:
+            old = compute_log_probs(trainer.chunks, minibatches, spec, with_metrics=True)
+            minibatches, old_metrics = with_log_probs(minibatches, old, "old_log_prob"), old.metrics
         if self.reference is not None:
             with self.reference.swapped_in():
-                minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, self.spec),
+                minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, spec),
                                              "ref_log_prob")
         update_started = time.perf_counter()
-        update = update_policy(trainer.chunks, trainer.optimizer, minibatches, self.spec, g.ppo_epochs)
+        update = update_policy(trainer.chunks, trainer.optimizer, minibatches, spec, g.ppo_epochs)
         finished = time.perf_counter()
         row = self._global_rollout_stats(rollouts, advantages, stats, step)
-        row.update(old.metrics.merged(update.metrics).reduce(UPDATE_METRICS))
+        row.update(old_metrics.merged(update.metrics).reduce(UPDATE_METRICS))
         row.update({"updates": update.updates, "skipped_updates": update.skipped,
                     "time_generate": stats.time_generate, "time_score": stats.time_score,
                     "time_logprob": update_started - logprob_started, "time_update": finished - update_started,

@@ -65,12 +65,10 @@ def rank_share(prompts_per_step: int, mini_batches: int, dp_size: int, dp_rank: 
 
 
 def sampling_params(gen: GenerationConfig, n: int, stop_token_ids, seed: int) -> SamplingParams:
-    """Rollout sampling. Log-probs are those of the distribution sampled from (temperature applied)
-    when only a temperature shapes it, which is what the trainer recomputes; with top-k/top-p they
-    are the model's raw ones (for the mismatch diagnostic only: the trainer always recomputes)."""
-    processed = gen.temperature not in (0.0, 1.0) and gen.top_k == 0 and gen.top_p == 1.0
-    return SamplingParams.from_config(gen, stop_token_ids=stop_token_ids, n=n, seed=seed,
-                                      logprobs="processed" if processed else "raw")
+    """Rollout sampling. The stored log-probs are the tempered ones (log softmax(logits / T), no
+    top-k/top-p truncation): the quantity the trainer recomputes (LossSpec.temperature), so
+    logprob_diff_gen compares like with like at any temperature, top-k and top-p."""
+    return SamplingParams.from_config(gen, stop_token_ids=stop_token_ids, n=n, seed=seed, logprobs="tempered")
 
 
 def rollout_seed(base: int, step: int, dp_rank: int) -> int:

@@ -53,6 +53,9 @@ class LossSpec:
     vocab_limit: int | None = None
     norm: float | None = None           # seq-mean-token-sum-norm's constant (max response length)
     clip_ratio_c: float | None = None   # dual clip for negative advantages (None: off)
+    # exactly on-policy (one mini-batch, one epoch): the update's own log-probs, detached, are the old
+    # ones, so no forward-only pass runs before it (TRL does the same)
+    on_policy: bool = False
 
     @classmethod
     def from_config(cls, gspo: GSPOConfig, generation: GenerationConfig, vocab_limit: int | None) -> LossSpec:
@@ -136,17 +139,23 @@ def _response_log_probs(output: torch.Tensor, kept: torch.Tensor, batch: dict, s
     return _per_position(token_log_probs(output, labels, spec.temperature, spec.vocab_limit), kept, batch)
 
 
-def _logprob_loss(batch: dict, spec: LossSpec, with_metrics: bool, kept: torch.Tensor, output: torch.Tensor):
-    log_prob = _response_log_probs(output, kept, batch, spec).detach()
+def _old_policy_metrics(output: torch.Tensor, kept: torch.Tensor, log_prob: torch.Tensor, batch: dict,
+                        spec: LossSpec) -> dict:
+    """Entropy and the sampler-vs-trainer log-prob distance of the policy the rollouts came from."""
     mask = batch["response_mask"]
     tokens = mask.sum()
+    entropy = _per_position(token_entropy(output.detach(), spec.temperature, spec.vocab_limit), kept, batch)
+    diff = ((log_prob.detach() - batch["gen_log_prob"]).abs() * mask).sum() / tokens.clamp(min=1)
+    return {_METRIC + "entropy": metric_entry((entropy * mask).sum() / tokens.clamp(min=1), tokens),
+            _METRIC + "logprob_diff_gen": metric_entry(diff, tokens)}
+
+
+def _logprob_loss(batch: dict, spec: LossSpec, with_metrics: bool, kept: torch.Tensor, output: torch.Tensor):
+    log_prob = _response_log_probs(output, kept, batch, spec).detach()
     report = {"log_prob": log_prob}
     if with_metrics:
-        entropy = _per_position(token_entropy(output, spec.temperature, spec.vocab_limit), kept, batch)
-        report[_METRIC + "entropy"] = metric_entry((entropy * mask).sum() / tokens.clamp(min=1), tokens)
-        diff = ((log_prob - batch["gen_log_prob"]).abs() * mask).sum() / tokens.clamp(min=1)
-        report[_METRIC + "logprob_diff_gen"] = metric_entry(diff, tokens)
-    return torch.zeros((), device=output.device), tokens.to(torch.int), report
+        report.update(_old_policy_metrics(output, kept, log_prob, batch, spec))
+    return torch.zeros((), device=output.device), batch["response_mask"].sum().to(torch.int), report
 
 
 def logprob_forward_step(data_iterator, model, *, spec: LossSpec, with_metrics: bool):
@@ -214,7 +223,12 @@ def microbatch_loss(log_prob: torch.Tensor, batch: dict, spec: LossSpec):
 
 
 def _gspo_loss(batch: dict, spec: LossSpec, kept: torch.Tensor, output: torch.Tensor):
-    return microbatch_loss(_response_log_probs(output, kept, batch, spec), batch, spec)
+    log_prob = _response_log_probs(output, kept, batch, spec)
+    if not spec.on_policy:
+        return microbatch_loss(log_prob, batch, spec)
+    loss, count, report = microbatch_loss(log_prob, dict(batch, old_log_prob=log_prob.detach()), spec)
+    report.update(_old_policy_metrics(output, kept, log_prob, batch, spec))
+    return loss, count, report
 
 
 def gspo_forward_step(data_iterator, model, *, spec: LossSpec):
