@@ -1,16 +1,19 @@
-"""`make demo`: SFT of a tiny random-init model on synthetic GSM8K, on CPU, 2 processes with TP=2.
+"""`make demo`: the user's path on a tiny model, on CPU, 2 processes: synthetic GSM8K -> verl's parquet
+layout -> SFT -> GSPO from the SFT model -> evaluation -> HF export. Each step prints its command.
 
-Steps (outputs under runs/demo/):
-1. data/{train,test}.jsonl: synthetic GSM8K-format problems (megagsm.data.synthetic),
+Outputs under runs/demo/:
+1. data/{train,test}.jsonl: synthetic GSM8K-format problems (megagsm.data.synthetic), then
+   verl/{train,test}.parquet: the same rows in verl's RL layout (`python -m megagsm.data.prepare gsm8k`),
 2. base/: a byte-level BPE tokenizer trained on them (digits split one per token) and the config.json
    of a tiny Qwen2-shaped model sized to it (random weights: model.init=random),
-3. sft/: `torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/sft_demo_cpu.yaml`,
-   which writes metrics.jsonl (phase "sft": step, loss, val_loss and accuracy when evaluated),
-   sft_metrics.png, checkpoints/ and, when the converters are installed, the HF export hf/,
-4. gspo/: GSPO from the SFT checkpoint, same model, 2 processes (launch/recipes/gspo_demo_cpu.yaml): metrics.jsonl (phase "gspo": step, reward_mean, accuracy, ...),
-   reward_curve.png, gspo_metrics.png, checkpoints/,
-5. prints the held-out accuracy (greedy decoding, exact final answer) before and after SFT and GSPO,
-   and the mean rollout reward at the start and end of GSPO.
+3. sft/: `torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/sft_demo_cpu.yaml` on the
+   parquet files with verl's SFT keys (extra_info.question / extra_info.answer), TP=2 + SP:
+   metrics.jsonl (phase "sft": step, loss, val_loss, accuracy), sft_metrics.png, checkpoints/, hf/,
+4. gspo/: GSPO from the SFT checkpoint, same model, 2 processes (launch/recipes/gspo_demo_cpu.yaml):
+   metrics.jsonl (phase "gspo": step, reward_mean, accuracy, ...), reward_curve.png, checkpoints/, hf/,
+5. eval.jsonl: `python -m megagsm.eval` of the GSPO checkpoint on verl/test.parquet,
+6. prints the held-out accuracy (greedy decoding, exact final answer) before and after SFT and GSPO,
+   the mean rollout reward at the start and end of GSPO, and where the HF exports are.
 """
 from __future__ import annotations
 
@@ -81,15 +84,24 @@ def prepare_inputs(root: str | os.PathLike, spec: DemoSpec = DemoSpec(), templat
     return {"train": str(train_path), "test": str(test_path), "base": str(root / "base"), "tokenizer_size": size}
 
 
-def torchrun(nproc: int, recipe: Path, overrides: list[str]) -> int:
+def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # torch/megatron deprecation notices from inside their own collectives: noise in a demo's output
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(TRAIN_SCRIPT), "--config", str(recipe), *overrides]
-    print("$", " ".join(cmd[2:]), flush=True)
-    return subprocess.call(cmd, env=env, cwd=str(REPO))
+    return env
+
+
+def run_command(args: list[str]) -> int:
+    """Runs `python ARGS` from the repository root, printing the command as a user would type it."""
+    shown = ["torchrun"] + args[3:] if args[:2] == ["-m", "torch.distributed.run"] else ["python"] + args
+    print("$", " ".join(shown), flush=True)
+    return subprocess.call([sys.executable, *args], env=_env(), cwd=str(REPO))
+
+
+def torchrun(nproc: int, recipe: Path, overrides: list[str]) -> int:
+    return run_command(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                        str(TRAIN_SCRIPT.relative_to(REPO)), "--config", str(recipe.relative_to(REPO)), *overrides])
 
 
 def accuracy_before_after(metrics_path: str, phase: str) -> tuple[float | None, float | None]:
@@ -126,8 +138,7 @@ def run_gspo_phase(root: Path, inputs: dict, sft_dir: Path, nproc: int, override
     from megagsm.utils.metrics import plot_metrics
 
     gspo_dir = root / "gspo"
-    args = [f"model.hf_dir={inputs['base']}", f"model.load={sft_dir / 'checkpoints'}",
-            f"data.train_path={inputs['train']}", f"data.eval_path={inputs['test']}",
+    args = [f"model.hf_dir={inputs['base']}", f"model.load={sft_dir / 'checkpoints'}", *_data_args(inputs),
             f"train.output_dir={gspo_dir}", *overrides]
     rc = torchrun(nproc, GSPO_RECIPE, args)
     metrics = gspo_dir / "metrics.jsonl"
@@ -138,6 +149,32 @@ def run_gspo_phase(root: Path, inputs: dict, sft_dir: Path, nproc: int, override
                                            ["reward_mean", "accuracy"], phase="gspo")
     summary["metrics"] = str(metrics)
     return 0, summary
+
+
+def _data_args(inputs: dict) -> list[str]:
+    """The verl parquet files with verl's SFT keys: the question goes through the recipe's template."""
+    return ["data.source=parquet", f"data.train_path={inputs['verl_train']}", f"data.eval_path={inputs['verl_test']}",
+            "data.prompt_key=extra_info.question", "data.answer_key=extra_info.answer"]
+
+
+def prepare_verl_layout(root: Path, inputs: dict) -> int:
+    """`python -m megagsm.data.prepare gsm8k`: the synthetic jsonl files -> verl's train/test.parquet."""
+    verl = root / "verl"
+    inputs.update(verl_train=str(verl / "train.parquet"), verl_test=str(verl / "test.parquet"))
+    return run_command(["-m", "megagsm.data.prepare", "gsm8k", "--input", str(Path(inputs["train"]).parent),
+                        "--out", str(verl), "--overwrite"])
+
+
+def evaluate_checkpoint(checkpoints: Path, inputs: dict, out: Path) -> dict | None:
+    """`python -m megagsm.eval` on the held-out parquet file; its summary line."""
+    import json
+
+    rc = run_command(["-m", "megagsm.eval", "--load", str(checkpoints), "--data", inputs["verl_test"],
+                      "--prompt-key", "extra_info.question", "--template", "bare", "--max-new-tokens", "20",
+                      "--max-prompt-len", "40", "--output", str(out)])
+    if rc != 0 or not out.exists():
+        return None
+    return json.loads(out.read_text().strip().splitlines()[-1])
 
 
 def _fmt(x: float | None) -> str:
@@ -162,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     for phase_dir in (sft_dir, root / "gspo"):
         if phase_dir.exists() and not args.keep:
             shutil.rmtree(phase_dir)
-    total = 3 if args.no_gspo else 4
-    print(f"[demo] 1/{total} synthetic GSM8K + tokenizer + model config under {root}", flush=True)
+    total = 3 if args.no_gspo else 5
+    print(f"[demo] 1/{total} synthetic GSM8K -> verl's parquet layout, tokenizer + model config under {root}",
+          flush=True)
     inputs = prepare_inputs(root)
-    print(f"[demo]     tokenizer: {inputs['tokenizer_size']} tokens; data: {inputs['train']}", flush=True)
+    if prepare_verl_layout(root, inputs) != 0:
+        print("[demo] data preparation failed", file=sys.stderr)
+        return 1
+    print(f"[demo]     tokenizer: {inputs['tokenizer_size']} tokens; data: {inputs['verl_train']}", flush=True)
     print(f"[demo] 2/{total} SFT: tiny Qwen2-shaped model, random init, TP=2 on 2 processes", flush=True)
-    overrides = [f"model.hf_dir={inputs['base']}", f"data.train_path={inputs['train']}",
-                 f"data.eval_path={inputs['test']}", f"train.output_dir={sft_dir}", *args.overrides]
+    overrides = [f"model.hf_dir={inputs['base']}", *_data_args(inputs), f"train.output_dir={sft_dir}",
+                 *args.overrides]
     rc = torchrun(args.nproc, SFT_RECIPE, overrides)
     if rc != 0:
         print(f"[demo] SFT failed (exit {rc})", file=sys.stderr)
@@ -182,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"[demo] GSPO failed (exit {rc})", file=sys.stderr)
             return rc
+        print(f"[demo] 4/{total} evaluation of the GSPO checkpoint on the held-out parquet file", flush=True)
+        gspo["eval"] = evaluate_checkpoint(root / "gspo" / "checkpoints", inputs, root / "eval.jsonl")
+        if gspo["eval"] is None:
+            print("[demo] evaluation failed", file=sys.stderr)
+            return 1
     print(f"[demo] {total}/{total} results", flush=True)
     print(f"[demo]   held-out accuracy (greedy, exact answer): before SFT {_fmt(before)}, after SFT {_fmt(after)}")
     print(f"[demo]   metrics: {sft_dir / 'metrics.jsonl'}  plot: {sft_dir / 'sft_metrics.png'}")
@@ -192,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(gspo['accuracy_after'])}; mean rollout reward (first / last 5 steps) "
               f"{gspo['reward_first']:.3f} -> {gspo['reward_last']:.3f}")
         print(f"[demo]   metrics: {gspo['metrics']}  reward curve: {gspo['reward_curve']}")
+        print(f"[demo]   python -m megagsm.eval: accuracy {_fmt(gspo['eval']['accuracy'])} on "
+              f"{gspo['eval']['num_prompts']} held-out problems ({root / 'eval.jsonl'})")
+        if (root / "gspo" / "hf").exists():
+            print(f"[demo]   HF export of the GSPO model: {root / 'gspo' / 'hf'} "
+                  "(AutoModelForCausalLM.from_pretrained loads it)")
     print(f"[demo] done in {time.time() - started:.0f} s")
     return 0
 

@@ -223,6 +223,11 @@ def _e2e_launch(inputs, root):
     from_hf = run_gspo(_config(inputs, os.path.join(root, "from_hf"), [
         "model.init=hf", f"model.hf_dir={inputs['hf_init']}", "train.train_steps=1", "train.export_hf=true"]))
     out["from_hf"] = {"export": from_hf.hf_export, "history": from_hf.history, "checkpoint": from_hf.checkpoint}
+    # verl's RL parquet layout with no data option besides the path (chat prompts, reward_model ground truth)
+    verl = run_gspo(_config(inputs, os.path.join(root, "verl"), [
+        "data.source=parquet", f"data.train_path={inputs['verl']}/train.parquet", "data.eval_path=null",
+        "train.train_steps=1"]))
+    out["verl"] = {"history": verl.history}
     return out
 
 
@@ -266,6 +271,10 @@ def launches(tmp_path_factory):
                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
     inputs = prepare_inputs(root / "inputs", tiny)
     inputs["hf_init"] = _hf_weights(inputs["base"], root / "hf_init")
+    from megagsm.data.prepare import prepare_gsm8k
+
+    inputs["verl"] = str(root / "verl")
+    prepare_gsm8k(str(root / "inputs" / "data"), inputs["verl"])
 
     pair = run_ranks(_pair_launch, 2, init_state, layouts, inputs, str(root))
     return single, pair[0], list(layouts)
@@ -366,6 +375,14 @@ def test_gspo_starts_from_hf_weights_and_exports_hf(launches):
     moved = max((exported[k].float() - v.float()).abs().max().item() for k, v in initial.items())
     assert all(exported[k].shape == v.shape for k, v in initial.items())
     assert 0 < moved < 0.1, moved  # started from these weights, then one lr-1e-3 update
+
+
+def test_gspo_trains_on_verl_parquet_with_only_the_path(launches):
+    _, pair, _ = launches
+    row = pair["e2e"]["verl"]["history"][1]
+    for key in ("reward_mean", "response_length", "entropy", "time_generate"):
+        assert math.isfinite(row[key]), key
+    assert row["sequence_tokens"] > row["response_tokens"] > 0
 
 
 def test_resume_repeats_the_uninterrupted_run(launches):

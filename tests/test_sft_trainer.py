@@ -87,6 +87,13 @@ def _first_launch(inputs, root):
         out[name] = {"losses": [losses[s] for s in sorted(losses)], "accuracy": result.metric("accuracy"),
                      "checkpoint": result.checkpoint, "rows": rows}
 
+    # verl's parquet layout read with the seed scripts' keys: the same examples, so the dp2 run's losses
+    verl = run_sft(_config(inputs, os.path.join(root, "verl"), LAYOUTS["dp2"] + [
+        "data.source=parquet", f"data.train_path={inputs['verl']}/train.parquet",
+        f"data.eval_path={inputs['verl']}/test.parquet", "data.prompt_key=extra_info.question",
+        "data.answer_key=extra_info.answer"])).metric("loss")
+    out["verl_keys"] = [verl[s] for s in sorted(verl)]
+
     uninterrupted = run_sft(_config(inputs, os.path.join(root, "full"), RESUME)).metric("loss")
     out["full"] = [uninterrupted[s] for s in sorted(uninterrupted)]
 
@@ -157,6 +164,10 @@ def _write_inputs(root):
         with open(paths[split], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
     texts = [f"{r['question']}\n{r['answer']}" for r in rows[:40]]
+    from megagsm.data.prepare import prepare_gsm8k
+
+    paths["verl"] = os.path.join(root, "verl")  # the same rows in verl's RL parquet layout
+    prepare_gsm8k(root, paths["verl"])
     paths["base"] = os.path.join(root, "base")
     build_base(paths["base"], texts, TINY)
     return paths
@@ -185,6 +196,11 @@ def test_layouts_train(runs):
     acc = first["tp2_sp"]["accuracy"]
     assert set(acc) == {0, 4} and all(0.0 <= a <= 1.0 for a in acc.values())
     assert any("accuracy" in r and r["step"] == 0 for r in first["tp2_sp"]["rows"])
+
+
+def test_verl_parquet_with_the_seed_keys_trains_as_the_jsonl_rows(runs):
+    first, _ = runs
+    assert first["verl_keys"] == pytest.approx(first["dp2"]["losses"], rel=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(LORA_LAYOUTS))

@@ -156,21 +156,9 @@ def load_gsm8k_with_report(
     return examples, report
 
 
-def load_gsm8k(
-    source: str | os.PathLike,
-    split: str = "train",
-    *,
-    on_bad_row: OnBadRow = "skip",
-    config_name: str | None = None,
-    limit: int | None = None,
-    dataset_kwargs: dict[str, Any] | None = None,
-    prompt_key: str = "question",
-    answer_key: str = "answer",
-    messages_key: str | None = None,
-    kind: SourceKind | None = None,
-    field: str = "data path",
-) -> list[GSM8KExample]:
-    """Load examples from a jsonl/parquet file, a ``save_to_disk`` directory, or a datasets name/path.
+def load_gsm8k(source: str | os.PathLike, split: str = "train", **options: Any) -> list[GSM8KExample]:
+    """Load examples from a jsonl/parquet file, a ``save_to_disk`` directory, or a datasets name/path
+    (the examples of :func:`load_gsm8k_with_report`, whose keywords it takes).
 
     ``split`` selects the split for datasets sources (ignored for single files). ``config_name`` is
     passed to ``datasets.load_dataset`` (``openai/gsm8k`` defaults to ``"main"``), and so are
@@ -180,12 +168,7 @@ def load_gsm8k(
     refused) and ``field`` the config field the path came from. Bad rows are skipped with a warning,
     or raise :class:`BadRowError` when ``on_bad_row="error"``.
     """
-    examples, _ = load_gsm8k_with_report(
-        source, split, on_bad_row=on_bad_row, config_name=config_name, limit=limit,
-        dataset_kwargs=dataset_kwargs, prompt_key=prompt_key, answer_key=answer_key,
-        messages_key=messages_key, kind=kind, field=field,
-    )
-    return examples
+    return load_gsm8k_with_report(source, split, **options)[0]
 
 
 def data_paths(value: str | os.PathLike | Sequence[str] | None) -> list[str]:

@@ -63,16 +63,8 @@ class SamplingParams:
     @classmethod
     def from_config(cls, config, stop_token_ids: Sequence[int] = (), **overrides) -> "SamplingParams":
         """From megagsm.config.generation.GenerationConfig (temperature 0 means greedy)."""
-        kwargs = dict(
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            n=config.n_samples,
-            seed=config.seed,
-            stop_token_ids=tuple(stop_token_ids),
-            stop_strings=tuple(config.stop),
-        )
+        kwargs = {name: getattr(config, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+        kwargs.update(n=config.n_samples, stop_token_ids=tuple(stop_token_ids), stop_strings=tuple(config.stop))
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,20 +67,24 @@ class StepBatch:
     num_sequences: int       # sequences on this rank
 
 
+@dataclass
 class MicrobatchStream:
     """This DP rank's microbatches, one optimizer step at a time, with a resumable position."""
 
-    def __init__(self, dataset, pad_id: int, micro_batch_size: int, num_microbatches: int,
-                 max_seq_length: int, multiple: int, dp_rank: int, dp_size: int, seed: int,
-                 shuffle: bool = True):
-        self.dataset = dataset
-        self.pad_id = pad_id
-        self.micro_batch_size = micro_batch_size
-        self.num_microbatches = num_microbatches
-        self.max_seq_length = max_seq_length
-        self.multiple = multiple
-        self.sampler = ResumableShardedSampler(len(dataset), seed=seed, shuffle=shuffle,
-                                               dp_rank=dp_rank, dp_size=dp_size, drop_last=True)
+    dataset: Any
+    pad_id: int
+    micro_batch_size: int
+    num_microbatches: int
+    max_seq_length: int
+    multiple: int
+    dp_rank: int
+    dp_size: int
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self):
+        self.sampler = ResumableShardedSampler(len(self.dataset), seed=self.seed, shuffle=self.shuffle,
+                                               dp_rank=self.dp_rank, dp_size=self.dp_size, drop_last=True)
         self._indices = None
 
     def _next_index(self) -> int:

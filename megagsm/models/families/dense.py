@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megagsm.models.errors import ModelInputError
-from megagsm.models.families.base import ModelSettings, need, reject
+from megagsm.models.families.base import Family, ModelSettings, need, reject
 from megagsm.models.gpt import GPTArchitecture
 from megagsm.models.mapping import WeightMap, WeightRule
 
@@ -144,3 +144,21 @@ def dense_weights(
         ignored_hf=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
         tied_hf={"lm_head.weight": "model.embed_tokens.weight"} if tied else {},
     )
+
+
+def llama_variant(model_type: str, *, config: dict, weights: dict, reject_fields: tuple = ()) -> Family:
+    """A family that is Llama layers plus fixed megatron config flags (`config`) and the matching
+    weight rules (`weights`: dense_weights options); `reject_fields`: (field, allowed, why) rows."""
+
+    def settings(hf: dict) -> ModelSettings:
+        no_sliding_window(hf)
+        for field, allowed, why in reject_fields:
+            reject(hf, field, allowed, why)
+        s = llama_settings(hf)
+        s.config.update(config)
+        return s
+
+    def weight_map(hf: dict) -> WeightMap:
+        return dense_weights(tied=bool(hf.get("tie_word_embeddings", False)), **weights)
+
+    return Family(model_type=model_type, settings=settings, weights=weight_map)
