@@ -8,6 +8,7 @@ TP/PP/EP/DP layout and any split into microbatches.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +21,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megagsm.config.parallel import ParallelConfig
-from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, reduce_tensor
+from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, dp_rank_and_size, reduce_tensor
 from megagsm.runtime.distributed import megatron_parallel_sizes
 
 
@@ -155,6 +156,33 @@ def run_schedule(model_chunks, microbatches: Iterable, num_microbatches: int, se
     )
 
 
+def has_moe(model_chunks: list) -> bool:
+    return bool(getattr(model_chunks[0].config, "num_moe_experts", None))
+
+
+@contextlib.contextmanager
+def moe_aux_loss_scale(model_chunks: list, global_count: float | None, num_microbatches: int):
+    """MoE auxiliary losses (load balancing, z-loss) weighted as in Megatron-LM's mean-loss training,
+    whatever the loss is divided by. With per-token losses megatron scales each microbatch's aux-loss
+    gradient by 1 and then divides every gradient by the global count C (tokens for token-mean, sequences
+    for seq-mean): the coefficient would mean coeff / C, a different thing under each aggregation. Scaling
+    the aux loss by C / (microbatches * dp) gives back coeff x the mean over all microbatches, as with
+    `calculate_per_token_loss=False`. global_count None (or a dense model): megatron's own scale."""
+    if global_count is None or not has_moe(model_chunks):
+        yield
+        return
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    _, dp = dp_rank_and_size()
+    factor = float(global_count) / (num_microbatches * dp)
+    megatron_scale = MoEAuxLossAutoScaler.set_loss_scale
+    MoEAuxLossAutoScaler.set_loss_scale = staticmethod(lambda scale: megatron_scale(scale * factor))
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.set_loss_scale = staticmethod(megatron_scale)
+
+
 def train_step(
     model_chunks: list,
     optimizer,
@@ -163,12 +191,16 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_step_func: Callable = lm_forward_step,
+    global_count: float | None = None,
 ) -> StepResult:
+    """One optimizer step over the microbatches. global_count: the global sum of the loss functions'
+    counts for this step (tokens or sequences), which MoE aux losses need (see moe_aux_loss_scale)."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = run_schedule(model_chunks, microbatches, num_microbatches, seq_length,
-                           micro_batch_size, forward_step_func, forward_only=False)
+    with moe_aux_loss_scale(model_chunks, global_count, num_microbatches):
+        reports = run_schedule(model_chunks, microbatches, num_microbatches, seq_length,
+                               micro_batch_size, forward_step_func, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     loss, num_tokens = _global_loss(reports)
     return StepResult(loss, num_tokens, None if grad_norm is None else float(grad_norm),

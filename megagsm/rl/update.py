@@ -33,11 +33,11 @@ from megagsm.config.algorithm import GSPOConfig
 from megagsm.config.generation import GenerationConfig
 from megagsm.models.gpt import unwrap_model
 from megagsm.models.output_rows import gpt_hidden_states, output_layer_rows, scatter_kept_rows
-from megagsm.models.training import run_schedule, train_step
+from megagsm.models.training import has_moe, run_schedule, train_step
 from megagsm.rl.batching import MiniBatch
 from megagsm.rl.logprobs import token_entropy, token_log_probs
 from megagsm.rl.losses import policy_loss
-from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, reduce_tensor
+from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, reduce_numbers, reduce_tensor
 
 _METRIC = "metric/"   # report keys holding [value * weight, weight] of one metric
 
@@ -237,6 +237,16 @@ def gspo_forward_step(data_iterator, model, *, spec: LossSpec):
     return output, partial(_gspo_loss, batch, spec, kept)
 
 
+def _global_count(model_chunks: list, mb: MiniBatch, spec: LossSpec) -> float | None:
+    """What megatron divides the mini-batch's gradients by (MoE aux losses need it; None otherwise)."""
+    if not has_moe(model_chunks):
+        return None
+    if not spec.per_token:
+        return float(mb.global_sequences)
+    local = sum(float(batch["response_mask"].sum()) for batch in mb.microbatches)
+    return reduce_numbers([local], "sum", dp_group())[0]
+
+
 @dataclass
 class UpdateResult:
     updates: int = 0                    # optimizer steps taken
@@ -259,7 +269,8 @@ def update_policy(model_chunks: list, optimizer, minibatches: list[MiniBatch], s
                 result.skipped += 1
                 continue
             out = train_step(model_chunks, optimizer, mb.microbatches, len(mb.microbatches), mb.seq_length,
-                             mb.micro_batch_size, forward_step_func=partial(gspo_forward_step, spec=spec))
+                             mb.micro_batch_size, forward_step_func=partial(gspo_forward_step, spec=spec),
+                             global_count=_global_count(model_chunks, mb, spec))
             reports += out.reports
             result.updates += 1
             result.losses.append(out.loss)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 
 from megagsm.config.train import TrainConfig
-from megagsm.models.training import eval_step, lm_forward_step, sequence_length_multiple, train_step
+from megagsm.models.training import eval_step, has_moe, lm_forward_step, sequence_length_multiple, train_step
+from megagsm.runtime.collectives import dp_group, reduce_numbers
 from megagsm.sft.data import MicrobatchStream, build_dataset, eval_microbatches
 from megagsm.sft.fused_ce import chunked_lm_forward_step
 
@@ -51,8 +52,14 @@ class SFT:
     def train_step(self, step: int) -> dict:
         started = time.perf_counter()
         batch = self.stream.next_step()
-        out = train_step(self.trainer.chunks, self.trainer.optimizer, batch.microbatches, self.num_microbatches,
-                         batch.seq_length, self.micro_batch_size, forward_step_func=self.forward_step)
+        chunks = self.trainer.chunks
+        tokens = None
+        if has_moe(chunks):  # the aux losses' weight needs the step's global token count
+            local = sum(float(mb["loss_mask"].sum()) for mb in batch.microbatches)
+            tokens = reduce_numbers([local], "sum", dp_group(with_context_parallel=True))[0]
+        out = train_step(chunks, self.trainer.optimizer, batch.microbatches, self.num_microbatches,
+                         batch.seq_length, self.micro_batch_size, forward_step_func=self.forward_step,
+                         global_count=tokens)
         elapsed = time.perf_counter() - started
         row = {"loss": out.loss, "tokens": out.num_tokens, "step_time": elapsed,
                "tokens_per_s": out.num_tokens / max(elapsed, 1e-9)}

@@ -34,6 +34,8 @@ class TinyGPTSpec:
     num_moe_experts: int | None = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
+    moe_load_balancing: str = "none"     # megatron's moe_router_load_balancing_type
+    moe_aux_loss_coeff: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ def tiny_gpt_model(spec: TinyGPTSpec, parallel: ParallelConfig):
             moe_router_topk=spec.moe_router_topk,
             moe_ffn_hidden_size=spec.moe_ffn_hidden_size or spec.ffn_hidden_size // 2,
             moe_token_dispatcher_type="alltoall",
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
+            moe_router_load_balancing_type=spec.moe_load_balancing,
+            moe_aux_loss_coeff=spec.moe_aux_loss_coeff,
             moe_grouped_gemm=False,
         )
     config = TransformerConfig(
