@@ -155,11 +155,11 @@ def test_shipped_gpu_recipe_fits_80_gib_and_header_states_it(recipe):
     plan = plan_memory(cfg, resolve_world_size(cfg, str(recipe), None), 80.0)
     s = plan.summary()
     assert s["fits"], f"{recipe.name}: {s}"
-    header = re.search(r"planner \(python -m megagsm\.plan\): static ([\d.]+) GiB, train peak ([\d.]+) GiB, "
-                       r"generate peak ([\d.]+) GiB", recipe.read_text())
+    header = re.search(r"# planner \(python -m megagsm\.plan\), GiB per GPU of 80: static ([\d.]+), train peak "
+                       r"([\d.]+), generate peak ([\d.]+) \(([\d.]+) with grads/optimizer released\)", recipe.read_text())
     assert header, f"{recipe.name}: header lacks the planner's figures"
-    stated = [float(x) for x in header.groups()]
-    assert stated == [round(s[k], 1) for k in ("static_gib", "train_peak_gib", "generate_peak_gib")], recipe.name
+    keys = ("static_gib", "train_peak_gib", "generate_peak_resident_gib", "generate_peak_released_gib")
+    assert list(header.groups()) == [f"{s[k]:.1f}" for k in keys], recipe.name
 
 
 def test_cli_prints_a_table_then_one_json_line():

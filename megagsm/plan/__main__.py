@@ -34,6 +34,13 @@ def table(plan) -> str:
     return "\n".join(lines)
 
 
+def header_line(s: dict) -> str:
+    """The comment line each shipped recipe carries (tests/test_plan.py checks it is current)."""
+    return (f"# planner (python -m megagsm.plan), GiB per GPU of {s['gpu_memory_gib']:g}: static {s['static_gib']:.1f}, "
+            f"train peak {s['train_peak_gib']:.1f}, generate peak {s['generate_peak_resident_gib']:.1f} "
+            f"({s['generate_peak_released_gib']:.1f} with grads/optimizer released)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megagsm.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="recipe YAML")
@@ -42,6 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--no-grad-reduce-in-fp32", action="store_true",
                         help="grads in the param dtype (megagsm's wrap_ddp reduces in fp32 by default)")
+    parser.add_argument("--header", action="store_true",
+                        help="print only the recipe header line stating the planner's figures")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
     from megagsm.config.loader import load_config
@@ -50,8 +59,12 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     world = resolve_world_size(cfg, args.config, args.world_size)
     plan = plan_memory(cfg, world, args.gpu_memory_gib, grad_reduce_in_fp32=not args.no_grad_reduce_in_fp32)
+    summary = plan.summary()
+    if args.header:
+        print(header_line(summary))
+        return 0
     print(table(plan))
-    print(json.dumps(plan.summary()))
+    print(json.dumps(summary))
     return 0
 
 

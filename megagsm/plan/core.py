@@ -183,7 +183,10 @@ def plan_memory(cfg: RunConfig, world_size: int, gpu_memory_gib: float = 80.0,
     else:
         rows = gen.max_batch_size
     positions = cfg.data.max_prompt_len + gen.max_new_tokens
-    release = bool(getattr(gen, "release_training_memory", False))
+    # generation.release_training_memory (issue 16 part 3): absent in a checkout without it (nothing is
+    # released), null/auto means the GPU default (released)
+    configured = getattr(gen, "release_training_memory", False)
+    release = True if configured in (None, "auto") else bool(configured)
     sp = par.sequence_parallel_active
     stages = []
     for stage in range(par.pp):
