@@ -190,3 +190,32 @@ def test_qwen3_30b_ep8_static_matches_a_hand_count():
     vocab = 2 * 152064 // 2 * h + h
     assert plan.worst.counts["total"] == experts + attn + vocab
     assert plan.worst.counts["expert"] == experts
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (4, False), (4, True)])
+def test_layer_activations_reduce_to_korthikanti_table_2(tp, sp):
+    """With the paper's assumptions (q = kv = h, f = 4h, no gate, 2-byte activations, 1-byte masks)
+    the per-layer terms add up to Table 2: sbh(10 + 24/t + 5as/(ht)) with TP, sbh/t (34 + 5as/h) with
+    TP + SP; selective recompute drops the 5as/h term; full recompute keeps 2sbh (/t with SP)."""
+    from megagsm.plan.activations import Shape, layer_bytes_per_token
+
+    h, a, s = 4096, 32, 2048
+    shape = Shape(hidden=h, heads=a, kv_heads=a, head_dim=h // a, ffn=4 * h, glu=1, vocab_padded=50304)
+    args = (shape, s, 2, tp, sp, 1, False)
+    if sp:
+        none, selective, full = h / tp * (34 + 5 * a * s / h), 34 * h / tp, 2 * h / tp
+    else:
+        none, selective, full = h * (10 + 24 / tp + 5 * a * s / (h * tp)), h * (10 + 24 / tp), 2 * h
+    assert layer_bytes_per_token(*args, "none") == pytest.approx(none)
+    assert layer_bytes_per_token(*args, "selective") == pytest.approx(selective)
+    assert layer_bytes_per_token(*args, "full") == pytest.approx(full)
+
+
+def test_kv_cache_bytes_by_hand():
+    """Qwen2.5-3B GSPO recipe: 36 layers x 256 rows x (512 + 1024) positions x 2 KV heads x 128 x K,V x 2 B."""
+    from megagsm.plan import plan_memory, resolve_world_size
+
+    recipe = ROOT / "launch/recipes/gspo_qwen2.5_3b_math.yaml"
+    cfg = load_config(str(recipe))
+    plan = plan_memory(cfg, resolve_world_size(cfg, str(recipe), None))
+    assert plan.worst.kv_cache == 36 * 256 * 1536 * 2 * 128 * 2 * 2
