@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from megagsm.config.loader import load_config
-from megagsm.config.parallel import ParallelConfig
 from megagsm.testing.multirank import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ def _hf(model_type: str, **overrides) -> dict:
 
 
 def _run_config(hf_dir: str, parallel: dict, dtype: str = "fp32", lora: bool = False):
-    overrides = [f"model.init=random", f"model.hf_dir={hf_dir}", f"model.dtype={dtype}",
+    overrides = ["model.init=random", f"model.hf_dir={hf_dir}", f"model.dtype={dtype}",
                  "train.micro_batch_size=2", "train.global_batch_size=2", "data.seq_length=16"]
     overrides += [f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in parallel.items()]
     if lora:
