@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,6 +61,7 @@ def test_flow_prints_one_json_line_per_step_and_appends_them(tmp_path):
     assert sum(l.startswith("{") for l in appended.splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_gpu_tests_step_reports_the_marker_run(tmp_path):
     """Only the gpu_tests step: tests/test_gpu.py collected under the gpu marker, all skipped (no CUDA)."""
     repo = _copy(tmp_path)

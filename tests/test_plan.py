@@ -139,13 +139,6 @@ def test_static_bytes_equal_a_built_model_two_ranks(tmp_path):
     _check(TWO_RANKS, results, 2, tmp_path)
 
 
-def _plan_json(recipe: Path, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "megagsm.plan", "--config", str(recipe), *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda p: p.stem)
 def test_shipped_gpu_recipe_fits_80_gib_and_header_states_it(recipe):
     from megagsm.plan import plan_memory, resolve_world_size
@@ -161,10 +154,15 @@ def test_shipped_gpu_recipe_fits_80_gib_and_header_states_it(recipe):
     assert list(header.groups()) == [f"{s[k]:.1f}" for k in keys], recipe.name
 
 
-def test_cli_prints_a_table_then_one_json_line():
-    out = _plan_json(ROOT / "launch/recipes/sft_qwen2.5_0.5b.yaml")
+def test_cli_prints_a_table_then_one_json_line(capsys):
+    from megagsm.plan.__main__ import main
+
+    assert main(["--config", str(ROOT / "launch/recipes/sft_qwen2.5_0.5b.yaml")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
     assert {"static_gib", "train_peak_gib", "generate_peak_gib", "fits"} <= set(out)
     assert out["world_size"] == 8 and out["dp"] == 8
+    assert any(l.startswith("= static") for l in lines[:-1])
 
 
 def test_cli_world_size_contradicting_the_recipe_is_a_user_error():
