@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo clean gpu-check
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test-slow: setup
 
 demo: setup
 	$(PY) -m megagsm.demo
+
+# on a machine with one H100/H200 and its own CUDA torch (not .venv's CPU torch): tests marked gpu, then
+# the SFT MFU, decode-roofline and GSPO-step benchmarks (scripts/gpu_check.sh); without a GPU: one line
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs/ .pytest_cache
