@@ -102,9 +102,9 @@ def _train_step_and_budget(device, work_dir) -> dict:
     from megagsm.config.model import ModelConfig
     from megagsm.config.optim import OptimConfig
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.models.builder import build_model
+    from megagsm.train.model import build_model
     from megagsm.models.training import build_optimizer, train_step, wrap_ddp
-    from megagsm.sft.optim import optimizer_config
+    from megagsm.train.optim import optimizer_config
 
     parallel = ParallelConfig(use_distributed_optimizer=True)
     model = ModelConfig(init="random", family="qwen2", dtype="bf16", hidden_size=1024, num_layers=4,

@@ -66,11 +66,11 @@ def _build_and_step(cases: list[dict], tmp: str) -> list[dict]:
     import torch
     from megatron.core import parallel_state as ps
 
-    from megagsm.models.builder import build_model
+    from megagsm.train.model import build_model
     from megagsm.models.training import build_optimizer, train_step, wrap_ddp
     from megagsm.runtime import init_runtime
-    from megagsm.sft.lora import apply_lora
-    from megagsm.sft.optim import optimizer_config
+    from megagsm.models.lora import apply_lora
+    from megagsm.train.optim import optimizer_config
 
     out = []
     for i, case in enumerate(cases):

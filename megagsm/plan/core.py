@@ -57,8 +57,8 @@ def resolve_hf_config(cfg: RunConfig) -> tuple[dict, str]:
 
     m = cfg.model
     if m.init == "random" and not m.hf_dir:
-        from megagsm.models.builder import hf_config_for
-        return hf_config_for(m).to_dict(), "model.* size fields"
+        from megagsm.train.model import hf_config_for
+        return hf_config_for(m), "model.* size fields"
     if not m.hf_dir:
         raise ConfigError("model.hf_dir is not set: the planner needs the model's config.json")
     if Path(m.hf_dir).is_dir():
@@ -73,8 +73,8 @@ def resolve_hf_config(cfg: RunConfig) -> tuple[dict, str]:
         hf, source = load_hf_config(known), f"{known.name} (megagsm/plan/known_models)"
     sizes = m.explicit_sizes()
     if sizes:
-        from megagsm.models.builder import _HF_SIZE_KEYS
-        hf = {**hf, **{_HF_SIZE_KEYS[k]: v for k, v in sizes.items()}}
+        from megagsm.train.model import HF_SIZE_KEYS
+        hf = {**hf, **{HF_SIZE_KEYS[k]: v for k, v in sizes.items()}}
     return hf, source
 
 

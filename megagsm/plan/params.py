@@ -52,7 +52,7 @@ def _norm(name: str, size: int, config: dict) -> list[ParamTensor]:
 
 
 def _lora(prefix: str, kind: str, out_local: int, in_local: int, in_full: int, rank: int) -> list[ParamTensor]:
-    """megagsm.sft.lora adapters: column linears keep A whole and split B; row linears split A."""
+    """megagsm.models.lora adapters: column linears keep A whole and split B; row linears split A."""
     a_in = in_full if kind == "column" else in_local
     return [ParamTensor(f"{prefix}_lora.weight_a", rank * a_in), ParamTensor(f"{prefix}_lora.weight_b", out_local * rank)]
 

@@ -24,7 +24,7 @@ from megagsm.models.hf_config import MANIFEST
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ModelConfig size field -> HF config key (Llama-style names, which every supported family shares)
-_HF_SIZE_KEYS = {
+HF_SIZE_KEYS = {
     "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
     "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
     "kv_channels": "head_dim", "ffn_hidden_size": "intermediate_size", "vocab_size": "vocab_size",
@@ -52,7 +52,7 @@ def hf_config_for(model: ModelConfig) -> dict:
     from the sizes and model.family."""
     from transformers import AutoConfig
 
-    overrides = {_HF_SIZE_KEYS[k]: v for k, v in model.explicit_sizes().items()}
+    overrides = {HF_SIZE_KEYS[k]: v for k, v in model.explicit_sizes().items()}
     if model.hf_dir:
         path = os.path.join(model.hf_dir, "config.json")
         if not os.path.isfile(path):
