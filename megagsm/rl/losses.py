@@ -135,12 +135,15 @@ def policy_loss(
     ref_log_prob: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: KLKind = "low_var_kl",
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy-gradient loss and detached metrics (see the module docstring for the modes).
 
     Default clip ranges are the GSPO paper's (3e-4, 4e-4): sequence ratios sit much closer to 1 than
     token ratios. For ``grpo`` use PPO-sized ranges such as 0.2 / 0.28. The KL term
     ``kl_coef * aggregate(kl_penalty(log_prob, ref_log_prob))`` is added only when ``kl_coef`` > 0.
+    ``token_weights`` ([B, T], detached: megagsm.rl.rollout_correction) multiply the per-token
+    policy-gradient loss before aggregation.
     """
     if not (log_prob.shape == old_log_prob.shape == advantages.shape == response_mask.shape) or log_prob.dim() != 2:
         raise ValueError(
@@ -171,6 +174,8 @@ def policy_loss(
     else:
         raise ValueError(f"mode must be 'gspo', 'gspo_token' or 'grpo', got {mode!r}")
 
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights.detach().to(loss_mat.dtype)
     agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm=norm)
     pg_loss = aggregate_loss(loss_mat, mask, loss_agg_mode, **agg)
     loss = pg_loss
