@@ -12,8 +12,12 @@ One 2-rank launch (tiny Qwen3-MoE, 8 experts top-2, EP=2, bf16 on CPU, from HF w
 - the token order: the same in fp32, where the sampler and the trainer agree to rounding, routing by
   itself picks the rollout's experts almost everywhere: a wrong rollout -> microbatch mapping would
   agree at chance level (~1/28 per top-2 set of 8);
+- every family at its layouts (Qwen2-MoE at EP1 = DP2, DeepSeek-V3 at EP2, Qwen3-MoE and DeepSeek-V2
+  at TP2 x EP2 with sequence parallelism, where each router sees half the sequence), fp32: r3
+  dispatches exactly the rollout's experts, and routing by itself agrees with them;
 - a 2-step GSPO run with routing_replay=r3 rollout_correction=tis logs router_match_rate 1.0 and
-  rollout_is_weight_mean every step; a recompute=full run replays in the backward too (same loss).
+  rollout_is_weight_mean every step; a recompute=full run replays in the backward too (megatron's
+  REPLAY_BACKWARD is used, and the run is the same).
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ TOY_REWARD = "test_routing_has_digit"
 # ties): near-tied expert scores are what bf16 drift flips, as in a real model's long tail of tokens
 ROUTER_SCALE = 1.0 / 500.0
 LAYERS = 4
+TP2_EP2 = ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sequence_parallel=true"]
+FAMILY_LAYOUTS = {"qwen2_moe": ["parallel.ep=1"], "deepseek_v3": [], "qwen3_moe_tp2_ep2": TP2_EP2,
+                  "deepseek_v2": TP2_EP2}
 
 
 @register_reward(TOY_REWARD)
@@ -133,9 +140,19 @@ def _dispatch_hooks(routing):
     return maps, handles
 
 
+def _sequence_chunk(values):
+    """[T, b, ...] -> this TP rank's T / tp positions under sequence parallelism (what its router sees)."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    chunk = values.shape[0] // tp
+    return values[ps.get_tensor_model_parallel_rank() * chunk:][:chunk]
+
+
 def _rollout_maps(batch, num_experts):
     """[T*b, layers, E] bool maps of the microbatch's rollout routing, in megatron's [s, b] order."""
-    routing = batch["routing"].transpose(0, 1).reshape(-1, batch["routing"].shape[2], batch["routing"].shape[3])
+    routing = _sequence_chunk(batch["routing"].transpose(0, 1))
+    routing = routing.reshape(-1, *routing.shape[2:])
     out = torch.zeros(*routing.shape[:2], num_experts, dtype=torch.bool)
     return out.scatter(2, routing.long().cpu(), True)
 
@@ -165,13 +182,27 @@ def _score_both_ways(trainer, gspo):
         micro = [b for mb in minibatches for b in mb.microbatches]
         for j, batch in enumerate(micro):
             used = torch.stack([maps[i][j].cpu() for i in range(len(maps))], dim=1)
-            real = real_positions(batch["response_mask"]).transpose(0, 1).reshape(-1).cpu()
+            real = _sequence_chunk(real_positions(batch["response_mask"]).transpose(0, 1)).reshape(-1).cpu()
             agree = (used == _rollout_maps(batch, gspo.routing.num_experts)).all(-1)[real]
             same, total = same + int(agree.sum()), total + agree.numel()
         metrics = old.metrics.reduce(["logprob_diff_gen"])
         metrics.update(routing_metrics(old.routing_counts, rollouts.routing))
         out[name] = {"dispatched_same": same, "dispatched_total": total, **metrics}
     return out
+
+
+def _counting_backward_replays():
+    """Counts megatron RouterReplay top-k calls made with REPLAY_BACKWARD (recomputes)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    calls, real = [0], RouterReplay.get_replay_topk
+
+    def counted(self, *args, **kwargs):
+        calls[0] += self.router_replay_action == RouterReplayAction.REPLAY_BACKWARD
+        return real(self, *args, **kwargs)
+
+    RouterReplay.get_replay_topk = counted
+    return calls, lambda: setattr(RouterReplay, "get_replay_topk", real)
 
 
 def _launch(inputs, root):
@@ -184,13 +215,29 @@ def _launch(inputs, root):
         trainer = Trainer(_config(inputs, os.path.join(root, f"drift_{dtype}"), [
             f"model.dtype={dtype}", "algorithm.gspo.routing_replay=r3"]), GSPO)
         out[dtype] = _score_both_ways(trainer, trainer.algorithm)
+    for case, layout in FAMILY_LAYOUTS.items():
+        trainer = Trainer(_config(inputs, os.path.join(root, case), [
+            f"model.hf_dir={inputs[case.removesuffix('_tp2_ep2')]}", "model.dtype=fp32",
+            "algorithm.gspo.routing_replay=r3", *layout]), GSPO)
+        out[case] = _score_both_ways(trainer, trainer.algorithm)
     for name, extra in (("r3_tis", []), ("r3_tis_recompute", ["model.recompute=full"]),
                         ("r2_mis_seq", ["algorithm.gspo.routing_replay=r2", "algorithm.gspo.rollout_correction=mis",
                                         "algorithm.gspo.rollout_correction_level=sequence"])):
         overrides = ["model.dtype=bf16", "algorithm.gspo.routing_replay=r3", "algorithm.gspo.rollout_correction=tis",
                      *extra]
-        out[name] = run_gspo(_config(inputs, os.path.join(root, name), overrides)).history
+        calls, restore = _counting_backward_replays()
+        try:
+            out[name] = run_gspo(_config(inputs, os.path.join(root, name), overrides)).history
+        finally:
+            restore()
+        out[f"{name}_backward_replays"] = calls[0]
     return out
+
+
+def _copy_tokenizer(base, out_dir):
+    for name in os.listdir(base):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(base, name), out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +254,12 @@ def launch(tmp_path_factory):
             if name.endswith("mlp.gate.weight"):
                 p.mul_(ROUTER_SCALE)
     model.save_pretrained(str(moe))
-    for name in os.listdir(inputs["base"]):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(os.path.join(inputs["base"], name), moe)
+    _copy_tokenizer(inputs["base"], moe)
     inputs["moe"] = str(moe)
+    for family in ("qwen2_moe", "deepseek_v3", "deepseek_v2", "qwen3_moe"):
+        inputs[family] = str(root / family)
+        make_tiny_moe_model(family, root / family, tokenizer=False)
+        _copy_tokenizer(inputs["base"], root / family)
     results = run_ranks(_launch, 2, inputs, str(root))
     if os.environ.get("MEGAGSM_REPLAY_DUMP"):
         torch.save(results, os.environ["MEGAGSM_REPLAY_DUMP"])
@@ -245,6 +294,21 @@ def test_rollout_token_order_matches_the_microbatch_layout_in_fp32(launch):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("case", list(FAMILY_LAYOUTS))
+def test_every_family_and_layout_replays_the_rollout_routing(launch, case):
+    for rank in launch:
+        run = rank[case]
+        assert run["lengths_ok"]
+        for name in ("natural", "replayed"):
+            assert run[name]["dispatched_total"] > 0
+        assert run["replayed"]["dispatched_same"] == run["replayed"]["dispatched_total"]
+    r = launch[0][case]
+    assert r["replayed"]["router_match_rate"] == 1.0
+    # fp32, well-separated routers: routing by itself agrees with the rollout (the token order is right)
+    assert r["natural"]["router_match_rate"] > 0.97, r
+
+
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", ["r3_tis", "r3_tis_recompute", "r2_mis_seq"])
 def test_two_gspo_steps_log_replay_and_correction_metrics(launch, name):
     history = launch[0][name]
@@ -258,5 +322,7 @@ def test_two_gspo_steps_log_replay_and_correction_metrics(launch, name):
             assert row["router_match_rate"] == 1.0, (step, row)
         assert math.isfinite(row["loss"])
     if name == "r3_tis_recompute":   # the backward's recompute replays the same routing: same run
+        assert launch[0][f"{name}_backward_replays"] > 0
+        assert launch[0]["r3_tis_backward_replays"] == 0
         for step in (1, 2):
             assert history[step]["loss"] == pytest.approx(launch[0]["r3_tis"][step]["loss"], rel=1e-5)
