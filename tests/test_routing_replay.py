@@ -326,3 +326,27 @@ def test_two_gspo_steps_log_replay_and_correction_metrics(launch, name):
         assert launch[0]["r3_tis_backward_replays"] == 0
         for step in (1, 2):
             assert history[step]["loss"] == pytest.approx(launch[0]["r3_tis"][step]["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------- the sampler's quantity at temperature != 1
+
+def test_sampler_log_probs_are_the_tempered_ones_the_trainer_scores():
+    """At temperature 0.7 without top-k/top-p, rollouts store log softmax(logits / 0.7) of the sampled
+    token: the quantity the trainer recomputes (LossSpec.temperature), so the weight compares like
+    with like. With top-k the correction is refused (the sampler's log-probs are another policy's)."""
+    from megagsm.config import load_config
+    from megagsm.config.errors import ConfigError
+    from megagsm.config.generation import GenerationConfig
+    from megagsm.generation.sampling import Sampler
+    from megagsm.rl.gspo import GSPO
+    from megagsm.rl.rollout import sampling_params
+
+    params = sampling_params(GenerationConfig(temperature=0.7, top_k=0, top_p=1.0), 1, [], seed=0)
+    assert params.logprobs == "processed"
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    tokens, logprobs = Sampler(params, torch.device("cpu"), None)(logits)
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, tokens.view(-1, 1)).view(-1)
+    torch.testing.assert_close(logprobs.float(), expected, rtol=1e-5, atol=1e-5)
+    cfg = load_config(None, ["algorithm.name=gspo", "algorithm.gspo.rollout_correction=tis", "generation.top_k=20"])
+    with pytest.raises(ConfigError, match="rollout_correction"):
+        GSPO.check_config(cfg)
