@@ -113,6 +113,28 @@ def test_routing_layout_helpers():
     assert filler.shape == (3, 2, 4) and filler[2, 1].tolist() == [0, 1, 2, 3]
 
 
+def test_microbatches_carry_each_rows_rollout_routing_at_its_positions():
+    from megagsm.rl.batching import Rollouts, build_minibatches, compute_advantages
+
+    def routing(n, seed):   # [n, layers=2, k=2] distinct expert ids of 8
+        return torch.randperm(8, generator=torch.Generator().manual_seed(seed))[:4].view(1, 2, 2).repeat(n, 1, 1)
+
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    recorded = [routing(len(p) + len(r) - 1, i).to(torch.uint8) for i, (p, r) in enumerate(zip(prompts, responses))]
+    rollouts = Rollouts(prompts=prompts, responses=responses, rewards=torch.tensor([1.0, 0.0]), mini_batch=[0, 0],
+                        group_size=2, routing=recorded)
+    (mb,) = build_minibatches(rollouts, compute_advantages(rollouts), 1, 4, multiple=8, dp_group=None)
+    batch = mb.microbatches[0]
+    assert batch["routing"].shape == (4, 8, 2, 2) and batch["routing"].dtype == torch.uint8
+    for i in range(2):
+        n = len(recorded[i])
+        assert torch.equal(batch["routing"][i, :n], recorded[i])
+        assert batch["routing"][i, n:].tolist() == [[[0, 1], [0, 1]]] * (8 - n)
+        # the positions whose routing is the rollout's are the row's tokens, up to its last scored one
+        assert real_positions(batch["response_mask"])[i].sum() == n
+    assert batch["routing"][2:].eq(torch.tensor([0, 1], dtype=torch.uint8)).all()   # filler rows
+
+
 # ---------------------------------------------------------------- one 2-rank launch
 
 def _config(inputs, out_dir, overrides):

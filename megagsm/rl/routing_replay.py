@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megagsm.generation.routing import routing_bytes
 from megagsm.models.gpt import unwrap_model
 from megagsm.models.router_replay import ModelRouting
-from megagsm.runtime.collectives import reduce_numbers, tp_group, tp_rank, group_size
+from megagsm.runtime.collectives import group_size, reduce_numbers, tp_group, tp_rank
 
 REPLAY_MODES = ("none", "r2", "r3")
 
@@ -108,8 +109,6 @@ class RoutingPass:
 
 def routing_metrics(sums: torch.Tensor, routing: list[torch.Tensor] | None) -> dict[str, float]:
     """Collective over all ranks: the match rates of the counts and the recorded routing's bytes."""
-    from megagsm.generation.routing import routing_bytes
-
     chosen, natural, total, nbytes = reduce_numbers([*sums.tolist(), routing_bytes(routing)], "sum")
     out = {"routing_replay_bytes": nbytes}
     if total > 0:
