@@ -36,6 +36,14 @@ class GSPOConfig:
     reward: str = "gsm8k"              # gsm8k | gsm8k_flexible | math_dapo | math | auto (picked per example from its data_source), or a registered name
     reward_method: str = "strict"      # the reward's answer-extraction method (gsm8k: strict | flexible)
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    # MoE routing replay (megagsm.rl.routing_replay): r2 replays the old-log-prob pass's routing in
+    # the update, r3 the rollout's routing in the old-log-prob pass and the update
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    # rollout importance-sampling correction pi_old / pi_sampler (megagsm.rl.rollout_correction):
+    # tis truncates the weight at the threshold, mis zeroes the loss beyond it
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    rollout_correction_level: Literal["token", "sequence"] = "token"  # sequence: exp(mean log-ratio)
+    rollout_correction_threshold: float = 2.0
 
     def rollouts_per_step(self) -> int:
         return self.n_rollouts * self.prompts_per_step

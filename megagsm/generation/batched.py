@@ -49,6 +49,7 @@ def concat_outputs(outputs: list[GenerationOutput], prompts_per_output: list[int
         index += [first_prompt + i for i in o.prompt_index]
         first_prompt += count
     texts = None if any(o.texts is None for o, _ in pairs) else [t for o, _ in pairs for t in o.texts]
+    routing = None if any(o.routing is None for o, _ in pairs) else [r for o, _ in pairs for r in o.routing]
     return GenerationOutput(
         tokens=torch.cat([pad(o.tokens, pad_token_id) for o, _ in pairs]),
         logprobs=torch.cat([pad(o.logprobs, 0.0) for o, _ in pairs]),
@@ -56,4 +57,5 @@ def concat_outputs(outputs: list[GenerationOutput], prompts_per_output: list[int
         finish_reasons=[r for o, _ in pairs for r in o.finish_reasons],
         prompt_index=index,
         texts=texts,
+        routing=routing,
     )

@@ -11,6 +11,7 @@ from megagsm.generation.forward import StageRunner, sequence_parallel_off
 from megagsm.generation.kv_cache import KVCache, KVCacheTooLarge, check_fits
 from megagsm.generation.mode import generation_mode, unwrap
 from megagsm.generation.rope_cache import rope_once, rotate_keys
+from megagsm.generation.routing import RoutingRecorder
 from megagsm.generation.sampling import Sampler, SamplingParams
 from megagsm.generation.stopping import (
     FINISH_EOS,
@@ -33,6 +34,8 @@ class GenerationOutput:
     finish_reasons: list[str]     # "eos" | "stop" (a stop string) | "length"
     prompt_index: list[int]       # [N] which prompt each sequence continues
     texts: list[str] | None = None  # decoded completions (tokenizer given), cut after a stop string
+    # per sequence, [prompt + completion - 1, MoE layers, k] expert ids (routing= given): generation.routing
+    routing: list[torch.Tensor] | None = None
 
     def completion(self, j: int) -> list[int]:
         return self.tokens[j, : int(self.lengths[j])].tolist()
@@ -52,6 +55,7 @@ def generate(
     kv_cache_bytes: int | None = None,
     vocab_limit: int | None = None,
     max_prefill_tokens: int = 16384,
+    routing=None,
 ) -> GenerationOutput:
     """Samples completions of `prompts_token_ids` (this data-parallel rank's prompts; every rank of a
     model-parallel group passes the same ones) with the model's own weights.
@@ -62,7 +66,9 @@ def generate(
     identical up to float rounding. kv_cache_bytes: memory the cache may take (default: 90% of free
     device memory). vocab_limit: ignore logits of padded vocabulary rows >= this (megatron pads the
     vocabulary to a multiple of 128 x tp). max_prefill_tokens: prompts are prefilled in row chunks of
-    at most this many (padded) tokens, which bounds the prefill's activation memory.
+    at most this many (padded) tokens, which bounds the prefill's activation memory. routing: a
+    megagsm.models.router_replay.ModelRouting of this model: record every MoE layer's top-k choice
+    per sequence and token (GenerationOutput.routing, this rank's layers).
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r} must be one of {PADDING_SIDES}")
@@ -74,10 +80,15 @@ def generate(
     with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
         runner = StageRunner(gpt, gpt.config)
         try:
-            out = _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
-                              pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens).run()
+            generation = _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
+                                     pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens, routing)
+            out = generation.run()
         finally:
             runner.close()
+            if routing is not None:
+                routing.stop()
+    if routing is not None:
+        out.routing = generation.recorder.per_sequence(out.lengths)
     # made under inference_mode: clones are ordinary tensors the trainer may use freely
     out.tokens, out.logprobs, out.lengths = out.tokens.clone(), out.logprobs.clone(), out.lengths.clone()
     return out
@@ -85,7 +96,7 @@ def generate(
 
 class _Generation:
     def __init__(self, model, runner, prompts, params, tokenizer, padding_side, pad_token_id,
-                 kv_cache_bytes, vocab_limit, max_prefill_tokens):
+                 kv_cache_bytes, vocab_limit, max_prefill_tokens, routing=None):
         self.model, self.runner, self.params = model, runner, params
         self.prompts = [list(map(int, p)) for p in prompts]
         self.tokenizer, self.padding_side, self.pad_id = tokenizer, padding_side, pad_token_id
@@ -100,6 +111,10 @@ class _Generation:
         # MoE with expert parallelism: ranks exchange tokens inside every forward, so all of them
         # step together until the last one is done (finished ranks run a 1-token dummy forward)
         self.lockstep = dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1
+        self.recorder = (None if routing is None else
+                         RoutingRecorder(routing, len(self.prompts), params.n, params.max_new_tokens))
+        if self.recorder is not None:
+            self.recorder.start()
 
     # ---------------------------------------------------------------- setup
     def _layout(self):
@@ -181,6 +196,8 @@ class _Generation:
                 parts.append(self.runner.forward(
                     prompt_tokens[lo:hi].to(self.device), positions[lo:hi].to(self.device), mask,
                     cache, padding_mask=pad.to(self.device) if padded and is_moe else None))
+                if self.recorder is not None:
+                    self.recorder.prefill(lo, hi, lens, self.padding_side, L)
             finally:
                 self.runner.last_token_index = None
         cache.reset_batch_size_offset()
@@ -231,6 +248,8 @@ class _Generation:
             positions = torch.full((b, 1), offset, dtype=torch.long, device=self.device)
             cache.enable_decode_mode()
             logits = runner.forward(tokens_cpu.view(b, 1).to(self.device), positions, mask, cache)
+            if self.recorder is not None:
+                self.recorder.decode(step, seq_ids)
             cache.increment_sequence_len_offset(1)
 
     def _finished(self, tokens_cpu, seq_ids, step) -> torch.Tensor:

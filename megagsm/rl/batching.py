@@ -11,6 +11,10 @@ all padded to one length (pipeline stages exchange activations of one shape per 
 are filler rows with an empty mask, which add nothing to the loss or to the sequence counts. Every
 DP rank runs the same number of microbatches per mini-batch (expert parallelism exchanges tokens
 inside every forward, so ranks must step together); the counts are agreed with one all-reduce.
+
+With MoE routing recorded at rollout time (``Rollouts.routing``), microbatches also hold ``routing``
+``[b, T, layers, k]``: a row's position t carries the rollout's expert choice for token t (see
+megagsm.generation.routing for why the orders agree), padding positions experts 0..k-1.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megagsm.rl.losses import group_advantages
+from megagsm.rl.routing_replay import filler_routing
 from megagsm.runtime.collectives import dp_group as data_parallel_group
 from megagsm.runtime.collectives import group_size, reduce_tensor
 
@@ -36,6 +41,7 @@ class Rollouts:
     mini_batch: list[int]               # per sequence: the mini-batch it is trained in
     group_size: int
     gen_log_probs: list[torch.Tensor] | None = None  # per sequence, the sampler's log-probs [R]
+    routing: list[torch.Tensor] | None = None  # per sequence, the rollout's [L + R - 1, layers, k] expert ids
 
     def __post_init__(self):
         n = len(self.prompts)
@@ -78,7 +84,8 @@ class MiniBatch:
         return self.microbatches[0]["tokens"].shape[0] if self.microbatches else 0
 
 
-def _row(prompt: list[int], response: list[int], advantage: float, gen_lp: torch.Tensor | None, T: int) -> dict:
+def _row(prompt: list[int], response: list[int], advantage: float, gen_lp: torch.Tensor | None, T: int,
+         routing: torch.Tensor | None = None) -> dict:
     seq = list(prompt) + list(response)
     n, L, R = len(seq) - 1, len(prompt), len(response)
     tokens = torch.full((T,), LABEL_PAD, dtype=torch.long)
@@ -90,15 +97,23 @@ def _row(prompt: list[int], response: list[int], advantage: float, gen_lp: torch
     gen = torch.zeros(T)
     if gen_lp is not None:
         gen[L - 1: L - 1 + R] = gen_lp[:R].float()
-    return {"tokens": tokens, "labels": labels, "response_mask": mask, "advantages": mask * advantage,
-            "gen_log_prob": gen}
+    row = {"tokens": tokens, "labels": labels, "response_mask": mask, "advantages": mask * advantage,
+           "gen_log_prob": gen}
+    if routing is not None:
+        if routing.shape[0] != n:
+            raise ValueError(f"routing covers {routing.shape[0]} tokens, the sequence feeds {n}")
+        row["routing"] = torch.cat([routing, filler_routing(T - n, *routing.shape[1:], routing.dtype)])
+    return row
 
 
-def _filler_row(T: int) -> dict:
+def _filler_row(T: int, routing_like: torch.Tensor | None = None) -> dict:
     z = torch.zeros(T)
-    return {"tokens": torch.full((T,), LABEL_PAD, dtype=torch.long),
-            "labels": torch.full((T,), LABEL_PAD, dtype=torch.long),
-            "response_mask": z, "advantages": z.clone(), "gen_log_prob": z.clone()}
+    row = {"tokens": torch.full((T,), LABEL_PAD, dtype=torch.long),
+           "labels": torch.full((T,), LABEL_PAD, dtype=torch.long),
+           "response_mask": z, "advantages": z.clone(), "gen_log_prob": z.clone()}
+    if routing_like is not None:
+        row["routing"] = filler_routing(T, *routing_like.shape[1:], routing_like.dtype)
+    return row
 
 
 def padded_length(lengths: list[int], multiple: int) -> int:
@@ -124,9 +139,12 @@ def build_minibatches(rollouts: Rollouts, advantages: Advantages, mini_batches: 
     for k, rows in enumerate(rows_per_mb):
         lengths = [len(rollouts.prompts[i]) + len(rollouts.responses[i]) - 1 for i in rows]
         T = padded_length(lengths, multiple)
+        routing = rollouts.routing
         built = [_row(rollouts.prompts[i], rollouts.responses[i], float(advantages.values[i]),
-                      None if rollouts.gen_log_probs is None else rollouts.gen_log_probs[i], T) for i in rows]
-        built += [_filler_row(T) for _ in range(int(counts[0, k]) * micro_batch_size - len(built))]
+                      None if rollouts.gen_log_probs is None else rollouts.gen_log_probs[i], T,
+                      None if routing is None else routing[i]) for i in rows]
+        built += [_filler_row(T, None if routing is None else routing[0])
+                  for _ in range(int(counts[0, k]) * micro_batch_size - len(built))]
         micro = []
         for start in range(0, len(built), micro_batch_size):
             part = built[start: start + micro_batch_size]

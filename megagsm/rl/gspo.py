@@ -10,6 +10,9 @@ One step (`GSPO.train_step`):
    microbatches, then `ppo_epochs` x `mini_batches` optimizer steps of the GSPO loss through
    megatron's schedules (megagsm.rl.update);
 4. metrics: reward, accuracy, lengths, clip fraction, KL, entropy, time split, tokens/s.
+MoE routing replay (``routing_replay``: megagsm.rl.routing_replay) records the rollout's routing in
+the engine and replays it (r3) or the old pass's (r2); ``rollout_correction`` weights the loss by
+pi_old / pi_sampler (megagsm.rl.rollout_correction).
 The trainer adds evaluation (greedy held-out accuracy), checkpoints, resume and the HF export; the
 LR schedule steps once per GSPO step (optim.warmup_steps counts GSPO steps, as in verl).
 """
@@ -24,18 +27,21 @@ from megagsm.config import RunConfig
 from megagsm.config.errors import ConfigError
 from megagsm.data.prompts import encode_example_prompt, truncate_prompt
 from megagsm.generation import generate_batched
+from megagsm.models.router_replay import ModelRouting
 from megagsm.models.training import sequence_length_multiple
 from megagsm.rl.batching import Advantages, Rollouts, build_minibatches, compute_advantages
 from megagsm.rl.reference import ReferencePolicy
 from megagsm.rewards import make_batch_scorer
 from megagsm.rl.rollout import PromptSchedule, check_placement, rank_share, rollout_seed, sampling_params, stop_token_ids
-from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs
+from megagsm.rl.routing_replay import RoutingPass, routing_metrics
+from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs, with_values
 from megagsm.runtime.collectives import dp_group, reduce_numbers
 from megagsm.utils.logging import get_logger
 
 log = get_logger(__name__)
 UPDATE_METRICS = ["entropy", "logprob_diff_gen", "pg_clipfrac", "pg_clipfrac_lower", "ratio_mean", "seq_ratio_mean",
-                  "approx_kl_k1", "approx_kl_k3", "kl_loss"]
+                  "approx_kl_k1", "approx_kl_k3", "kl_loss", "rollout_kl_k1", "rollout_kl_k3",
+                  "rollout_is_weight_mean", "rollout_is_clip_fraction"]
 
 
 @dataclass
@@ -59,6 +65,14 @@ class GSPO:
         if cfg.parallel.cp > 1 or (cfg.parallel.vpp or 1) > 1:
             raise ConfigError("algorithm.name=gspo needs parallel.cp=1 (a sequence's ratio must stay on one "
                               "rank) and parallel.vpp unset (generation runs one model chunk per rank)")
+        g, gen = cfg.algorithm.gspo, cfg.generation
+        if g.rollout_correction != "none" and (gen.top_k != 0 or gen.top_p != 1.0):
+            raise ConfigError(f"algorithm.gspo.rollout_correction={g.rollout_correction} needs generation.top_k=0 "
+                              f"and generation.top_p=1.0 (got {gen.top_k}, {gen.top_p}): with truncated sampling "
+                              "the sampler's log-probs are not those of the policy the trainer scores")
+        if not g.rollout_correction_threshold > 0:
+            raise ConfigError(f"algorithm.gspo.rollout_correction_threshold={g.rollout_correction_threshold} "
+                              "must be > 0")
 
     def __init__(self, trainer):
         cfg, g = trainer.cfg, trainer.cfg.algorithm.gspo
@@ -76,6 +90,13 @@ class GSPO:
         self.spec = LossSpec.from_config(g, cfg.generation, trainer.vocab_limit)
         self.multiple = sequence_length_multiple(cfg.parallel)
         self.reference: ReferencePolicy | None = None
+        self.routing: ModelRouting | None = None
+        if g.routing_replay != "none":
+            try:
+                self.routing = ModelRouting(trainer.chunks)
+            except ValueError:
+                raise ConfigError(f"algorithm.gspo.routing_replay={g.routing_replay} needs a mixture-of-experts "
+                                  "model with top-k routers (this model has none): use routing_replay=none") from None
         self._prompts: dict[int, list[int]] = {}
 
     def on_initial_policy(self) -> None:
@@ -100,7 +121,7 @@ class GSPO:
                                  rollout_seed(gen.seed + self.cfg.train.seed, step, trainer.info.dp_rank))
         out = generate_batched(trainer.chunks, [self.prompt(i) for _, i in mine], params, trainer.tokenizer,
                                max_batch_size=gen.max_batch_size, pad_token_id=self.pad_id,
-                               vocab_limit=trainer.vocab_limit)
+                               vocab_limit=trainer.vocab_limit, routing=self.routing)
         generated = time.perf_counter()
         examples = [trainer.train_examples[i] for _, i in mine for _ in range(g.n_rollouts)]
         lengths = out.lengths.tolist()
@@ -111,7 +132,7 @@ class GSPO:
             prompts=[self.prompt(i) for _, i in mine for _ in range(g.n_rollouts)],
             responses=out.completions(), rewards=rewards,
             mini_batch=[k for k, _ in mine for _ in range(g.n_rollouts)], group_size=g.n_rollouts,
-            gen_log_probs=[out.logprobs[j, :n] for j, n in enumerate(lengths)])
+            gen_log_probs=[out.logprobs[j, :n] for j, n in enumerate(lengths)], routing=out.routing)
         stats = RolloutStats(time_generate=generated - started, time_score=scored - generated,
                              truncated=sum(r == "length" for r in out.finish_reasons),
                              correct=float(sum(s >= 1.0 for s in scores)), lengths=lengths)
@@ -126,20 +147,27 @@ class GSPO:
         minibatches = build_minibatches(rollouts, advantages, g.mini_batches, self.cfg.train.micro_batch_size,
                                         self.multiple, device=trainer.info.device)
         logprob_started = time.perf_counter()
-        # exactly on-policy: the update's own log-probs are the old ones (no forward-only pass)
-        spec = replace(self.spec, on_policy=g.mini_batches == 1 and g.ppo_epochs == 1)
-        old_metrics = MetricSums()
+        # exactly on-policy: the update's own log-probs are the old ones (no forward-only pass); routing
+        # replay measures and records routing in that pass, so it keeps it
+        spec = replace(self.spec, on_policy=g.mini_batches == 1 and g.ppo_epochs == 1 and g.routing_replay == "none")
+        old_pass, update_pass = self._routing_passes()
+        old, old_metrics = None, MetricSums()
         if not spec.on_policy:
-            old = compute_log_probs(trainer.chunks, minibatches, spec, with_metrics=True)
+            old = compute_log_probs(trainer.chunks, minibatches, spec, with_metrics=True, routing=old_pass)
             minibatches, old_metrics = with_log_probs(minibatches, old, "old_log_prob"), old.metrics
+            if g.routing_replay == "r2":
+                minibatches = with_values(minibatches, old.routing, "old_routing")
         if self.reference is not None:
             with self.reference.swapped_in():
                 minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, spec),
                                              "ref_log_prob")
         update_started = time.perf_counter()
-        update = update_policy(trainer.chunks, trainer.optimizer, minibatches, spec, g.ppo_epochs)
+        update = update_policy(trainer.chunks, trainer.optimizer, minibatches, spec, g.ppo_epochs,
+                               routing=update_pass)
         finished = time.perf_counter()
         row = self._global_rollout_stats(rollouts, advantages, stats, step)
+        if self.routing is not None and old is not None:
+            row.update(routing_metrics(old.routing_counts, rollouts.routing))
         row.update(old_metrics.merged(update.metrics).reduce(UPDATE_METRICS))
         row.update({"updates": update.updates, "skipped_updates": update.skipped,
                     "time_generate": stats.time_generate, "time_score": stats.time_score,
@@ -152,6 +180,16 @@ class GSPO:
         row["gen_tokens_per_s"] = row["response_tokens"] / max(stats.time_generate, 1e-9)
         row["tokens_per_s"] = row["sequence_tokens"] / max(row["step_time"], 1e-9)
         return row
+
+    def _routing_passes(self) -> tuple[RoutingPass | None, RoutingPass | None]:
+        """(old-log-prob pass, update) routing: r3 replays the rollout's in both, r2 keeps the old
+        pass's natural choice and replays it in the update. The reference pass routes by itself."""
+        if self.routing is None:
+            return None, None
+        r3 = self.gspo.routing_replay == "r3"
+        old = RoutingPass(self.routing, replay_key="routing" if r3 else None, keep_chosen=not r3, count_matches=True)
+        update = RoutingPass(self.routing, replay_key="routing" if r3 else "old_routing", backward=True)
+        return old, update
 
     def _global_rollout_stats(self, rollouts: Rollouts, advantages: Advantages, stats: RolloutStats,
                               step: int) -> dict:

@@ -146,6 +146,7 @@ def policy_loss(
     kl_coef: float = 0.0,
     kl_kind: KLKind = "low_var_kl",
     clip_ratio_c: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy-gradient loss and detached metrics (see the module docstring for the modes).
 
@@ -153,7 +154,9 @@ def policy_loss(
     token ratios. For ``grpo`` use PPO-sized ranges such as 0.2 / 0.28. The KL term
     ``kl_coef * aggregate(kl_penalty(log_prob, ref_log_prob))`` is added only when ``kl_coef`` > 0;
     its metric ``kl_loss`` is the token-mean KL, whatever the aggregation. ``clip_ratio_c`` (> 1, None:
-    off) is the dual clip for negative advantages (see ``_clipped_objective``).
+    off) is the dual clip for negative advantages (see ``_clipped_objective``). ``token_weights``
+    ([B, T], detached: megagsm.rl.rollout_correction) multiply the per-token policy-gradient loss
+    before aggregation.
     """
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (or None), got {clip_ratio_c}")
@@ -188,6 +191,8 @@ def policy_loss(
     else:
         raise ValueError(f"mode must be 'gspo', 'gspo_token' or 'grpo', got {mode!r}")
 
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights.detach().to(loss_mat.dtype)
     agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm=norm)
     pg_loss = aggregate_loss(loss_mat, mask, loss_agg_mode, **agg)
     loss = pg_loss

@@ -20,7 +20,12 @@ Old log-probs are recomputed by a forward-only pass over the very microbatches t
 (same shapes, same kernels, same order), so on the first mini-batch of the first epoch the ratio is
 exactly 1 and the clip range (3e-4 for GSPO) measures only what the updates moved. The sampler's own
 log-probs (KV-cache decoding, other batch shapes) agree only to float rounding; their distance to the
-recomputed ones is reported as ``logprob_diff_gen``.
+recomputed ones is reported as ``logprob_diff_gen`` (and as the KL ``rollout_kl_k1/k3``).
+
+MoE routing replay (megagsm.rl.routing_replay) enters through a ``RoutingPass`` given to the passes:
+it sets each microbatch's routing before the model's forward and reads what the routers chose after
+it. The rollout correction (megagsm.rl.rollout_correction) weights the policy-gradient loss by
+``pi_old / pi_sampler`` from the microbatch's old and sampler log-probs.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ from megagsm.models.training import has_moe, run_schedule, train_step
 from megagsm.rl.batching import MiniBatch
 from megagsm.rl.logprobs import token_entropy, token_log_probs
 from megagsm.rl.losses import policy_loss
+from megagsm.rl.rollout_correction import rollout_weights, sampler_kl
+from megagsm.rl.routing_replay import RoutingPass
 from megagsm.runtime.collectives import broadcast_from_last_stage, dp_group, reduce_numbers, reduce_tensor
 
 _METRIC = "metric/"   # report keys holding [value * weight, weight] of one metric
@@ -56,13 +63,19 @@ class LossSpec:
     # exactly on-policy (one mini-batch, one epoch): the update's own log-probs, detached, are the old
     # ones, so no forward-only pass runs before it (TRL does the same)
     on_policy: bool = False
+    rollout_correction: str = "none"    # none | tis | mis (megagsm.rl.rollout_correction)
+    rollout_correction_level: str = "token"
+    rollout_correction_threshold: float = 2.0
 
     @classmethod
     def from_config(cls, gspo: GSPOConfig, generation: GenerationConfig, vocab_limit: int | None) -> LossSpec:
         return cls(mode=gspo.loss_mode, clip_ratio_low=gspo.clip_ratio_low, clip_ratio_high=gspo.clip_ratio_high,
                    loss_agg_mode=gspo.loss_agg_mode, kl_coef=gspo.kl_coef,
                    temperature=generation.temperature if generation.temperature > 0 else 1.0,
-                   vocab_limit=vocab_limit, norm=float(generation.max_new_tokens), clip_ratio_c=gspo.clip_ratio_c)
+                   vocab_limit=vocab_limit, norm=float(generation.max_new_tokens), clip_ratio_c=gspo.clip_ratio_c,
+                   rollout_correction=gspo.rollout_correction,
+                   rollout_correction_level=gspo.rollout_correction_level,
+                   rollout_correction_threshold=gspo.rollout_correction_threshold)
 
     @property
     def per_token(self) -> bool:
@@ -117,15 +130,21 @@ class MetricSums:
         return {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
 
 
-def _model_forward(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _model_forward(batch: dict, model, routing: RoutingPass | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Last stage: (vocab-parallel logits [n, V/tp] of the n response positions, their rows in the
     sequence-major [s * b] flattening): prompt and padding positions skip the output projection, as
     every loss here is masked by response_mask. Other stages: (hidden states, None)."""
     gpt = unwrap_model(model)
+    if routing is not None:
+        routing.before_forward(batch, model)
     if not gpt.post_process:
-        return model(batch["tokens"], batch["position_ids"], None), None
-    hidden = gpt_hidden_states(model, batch["tokens"], batch["position_ids"], None)
-    return output_layer_rows(model, hidden, batch["response_mask"] > 0)
+        out = model(batch["tokens"], batch["position_ids"], None), None
+    else:
+        hidden = gpt_hidden_states(model, batch["tokens"], batch["position_ids"], None)
+        out = output_layer_rows(model, hidden, batch["response_mask"] > 0)
+    if routing is not None:
+        routing.after_forward(batch, model)
+    return out
 
 
 def _per_position(values: torch.Tensor, kept: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -146,8 +165,11 @@ def _old_policy_metrics(output: torch.Tensor, kept: torch.Tensor, log_prob: torc
     tokens = mask.sum()
     entropy = _per_position(token_entropy(output.detach(), spec.temperature, spec.vocab_limit), kept, batch)
     diff = ((log_prob.detach() - batch["gen_log_prob"]).abs() * mask).sum() / tokens.clamp(min=1)
-    return {_METRIC + "entropy": metric_entry((entropy * mask).sum() / tokens.clamp(min=1), tokens),
-            _METRIC + "logprob_diff_gen": metric_entry(diff, tokens)}
+    metrics = {_METRIC + "entropy": metric_entry((entropy * mask).sum() / tokens.clamp(min=1), tokens),
+               _METRIC + "logprob_diff_gen": metric_entry(diff, tokens)}
+    for name, value in sampler_kl(log_prob.detach(), batch["gen_log_prob"], mask).items():
+        metrics[_METRIC + name] = metric_entry(value, tokens)
+    return metrics
 
 
 def _logprob_loss(batch: dict, spec: LossSpec, with_metrics: bool, kept: torch.Tensor, output: torch.Tensor):
@@ -158,9 +180,10 @@ def _logprob_loss(batch: dict, spec: LossSpec, with_metrics: bool, kept: torch.T
     return torch.zeros((), device=output.device), batch["response_mask"].sum().to(torch.int), report
 
 
-def logprob_forward_step(data_iterator, model, *, spec: LossSpec, with_metrics: bool):
+def logprob_forward_step(data_iterator, model, *, spec: LossSpec, with_metrics: bool,
+                         routing: RoutingPass | None = None):
     batch = next(data_iterator)
-    output, kept = _model_forward(batch, model)
+    output, kept = _model_forward(batch, model, routing)
     return output, partial(_logprob_loss, batch, spec, with_metrics, kept)
 
 
@@ -171,28 +194,46 @@ class LogProbs:
 
     values: list[list[torch.Tensor]]
     metrics: MetricSums
+    routing: list[list[torch.Tensor]] = field(default_factory=list)  # per microbatch, what the routers chose
+    routing_counts: torch.Tensor | None = None                         # RoutingPass.sums of the pass
 
 
 @torch.no_grad()
 def compute_log_probs(model_chunks: list, minibatches: list[MiniBatch], spec: LossSpec,
-                      with_metrics: bool = False) -> LogProbs:
-    """Log-probs of every response token under the current weights, microbatch by microbatch."""
-    values, reports = [], []
+                      with_metrics: bool = False, routing: RoutingPass | None = None) -> LogProbs:
+    """Log-probs of every response token under the current weights, microbatch by microbatch;
+    `routing` routes the pass (and keeps or counts what the routers chose)."""
+    values, reports, chosen = [], [], []
     for mb in minibatches:
         if not mb.microbatches:
             values.append([])
+            chosen.append([])
             continue
-        out = run_schedule(model_chunks, mb.microbatches, len(mb.microbatches), mb.seq_length, mb.micro_batch_size,
-                           partial(logprob_forward_step, spec=spec, with_metrics=with_metrics), forward_only=True)
+        first = len(routing.kept) if routing is not None else 0
+        try:
+            out = run_schedule(model_chunks, mb.microbatches, len(mb.microbatches), mb.seq_length,
+                               mb.micro_batch_size, partial(logprob_forward_step, spec=spec,
+                                                            with_metrics=with_metrics, routing=routing),
+                               forward_only=True)
+        finally:
+            if routing is not None:
+                routing.finish()
         values.append([report["log_prob"] for report in out])
+        chosen.append(routing.kept[first:] if routing is not None else [])
         reports += out
-    return LogProbs(values, MetricSums.from_reports(reports))
+    return LogProbs(values, MetricSums.from_reports(reports), chosen,
+                    routing.sums if routing is not None else None)
 
 
 def with_log_probs(minibatches: list[MiniBatch], log_probs: LogProbs, key: str) -> list[MiniBatch]:
     """New mini-batches whose microbatches also hold `key` ([b, T], where this stage computed it)."""
+    return with_values(minibatches, log_probs.values, key)
+
+
+def with_values(minibatches: list[MiniBatch], per_microbatch: list[list], key: str) -> list[MiniBatch]:
+    """New mini-batches whose microbatches also hold `key` (where this stage has a value)."""
     out = []
-    for mb, values in zip(minibatches, log_probs.values):
+    for mb, values in zip(minibatches, per_microbatch):
         micro = [dict(batch, **{key: values[i]}) if i < len(values) else batch
                  for i, batch in enumerate(mb.microbatches)]
         out.append(replace(mb, microbatches=micro))
@@ -204,13 +245,19 @@ def microbatch_loss(log_prob: torch.Tensor, batch: dict, spec: LossSpec):
     per-token-loss schedules take it (the global loss is the sum of loss_sum over the count); the
     report also carries the microbatch's metric entries."""
     mask = batch["response_mask"]
+    weights = None
+    if spec.rollout_correction != "none":
+        weights, correction = rollout_weights(batch["old_log_prob"], batch["gen_log_prob"], mask,
+                                              spec.rollout_correction, spec.rollout_correction_level,
+                                              spec.rollout_correction_threshold)
     loss, metrics = policy_loss(
         log_prob, batch["old_log_prob"], batch["advantages"], mask, mode=spec.mode,
         clip_ratio_low=spec.clip_ratio_low, clip_ratio_high=spec.clip_ratio_high,
         loss_agg_mode=spec.loss_agg_mode,
         # sums, not means: megatron divides by the global count (see the module docstring)
         num_tokens=1.0 if spec.per_token else None, num_seqs=None if spec.per_token else 1.0,
-        norm=spec.norm, ref_log_prob=batch.get("ref_log_prob"), kl_coef=spec.kl_coef, clip_ratio_c=spec.clip_ratio_c)
+        norm=spec.norm, ref_log_prob=batch.get("ref_log_prob"), kl_coef=spec.kl_coef, clip_ratio_c=spec.clip_ratio_c,
+        token_weights=weights)
     tokens = mask.sum()
     seqs = (mask.sum(-1) > 0).sum()  # filler rows are empty and do not count
     count = tokens if spec.per_token else seqs
@@ -219,6 +266,9 @@ def microbatch_loss(log_prob: torch.Tensor, batch: dict, spec: LossSpec):
         if name in metrics:
             report[_METRIC + name] = metric_entry(metrics[name], tokens)
     report[_METRIC + "seq_ratio_mean"] = metric_entry(metrics["seq_ratio_mean"], seqs)
+    if weights is not None:
+        for name, value in correction.items():
+            report[_METRIC + name] = metric_entry(value, tokens)
     return loss, count.to(torch.int), report
 
 
@@ -231,9 +281,9 @@ def _gspo_loss(batch: dict, spec: LossSpec, kept: torch.Tensor, output: torch.Te
     return loss, count, report
 
 
-def gspo_forward_step(data_iterator, model, *, spec: LossSpec):
+def gspo_forward_step(data_iterator, model, *, spec: LossSpec, routing: RoutingPass | None = None):
     batch = next(data_iterator)
-    output, kept = _model_forward(batch, model)
+    output, kept = _model_forward(batch, model, routing)
     return output, partial(_gspo_loss, batch, spec, kept)
 
 
@@ -257,10 +307,11 @@ class UpdateResult:
 
 
 def update_policy(model_chunks: list, optimizer, minibatches: list[MiniBatch], spec: LossSpec,
-                  ppo_epochs: int) -> UpdateResult:
+                  ppo_epochs: int, routing: RoutingPass | None = None) -> UpdateResult:
     """``ppo_epochs`` passes over the mini-batches, one optimizer step each (in the same order every
     epoch: the order is part of what makes the update layout-invariant). The microbatches must hold
-    old_log_prob (and ref_log_prob with kl_coef > 0): see with_log_probs."""
+    old_log_prob (and ref_log_prob with kl_coef > 0): see with_log_probs. `routing` replays a
+    microbatch key's routing in every forward and recompute."""
     result = UpdateResult()
     reports = []
     for _ in range(ppo_epochs):
@@ -268,9 +319,14 @@ def update_policy(model_chunks: list, optimizer, minibatches: list[MiniBatch], s
             if mb.global_sequences == 0:
                 result.skipped += 1
                 continue
-            out = train_step(model_chunks, optimizer, mb.microbatches, len(mb.microbatches), mb.seq_length,
-                             mb.micro_batch_size, forward_step_func=partial(gspo_forward_step, spec=spec),
-                             global_count=_global_count(model_chunks, mb, spec))
+            try:
+                out = train_step(model_chunks, optimizer, mb.microbatches, len(mb.microbatches), mb.seq_length,
+                                 mb.micro_batch_size, forward_step_func=partial(gspo_forward_step, spec=spec,
+                                                                                routing=routing),
+                                 global_count=_global_count(model_chunks, mb, spec))
+            finally:
+                if routing is not None:
+                    routing.finish()
             reports += out.reports
             result.updates += 1
             result.losses.append(out.loss)
