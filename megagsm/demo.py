@@ -23,13 +23,20 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_RECIPE = REPO / "launch" / "recipes" / "sft_demo_cpu.yaml"
 GSPO_RECIPE = REPO / "launch" / "recipes" / "gspo_demo_cpu.yaml"
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
+
+
+# Qwen2Config sizes: the demo's model, and the tiny one the tests train
+DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=512, max_position_embeddings=128)
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,7 @@ class DemoSpec:
     n_test: int = 100
     seed: int = 0
     tokenizer_vocab: int = 256  # upper bound; BPE stops when the corpus has no more merges
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 512
-    max_position_embeddings: int = 128
+    model: dict = field(default_factory=lambda: dict(DEMO_MODEL))  # Qwen2Config sizes
     vocab_multiple: int = 64    # the model's vocab is rounded up (megatron splits it over TP ranks)
 
 
@@ -59,10 +61,7 @@ def build_base(base: str | os.PathLike, texts: list[str], spec: DemoSpec = DemoS
 
     tokenizer = train_tokenizer(texts, spec.tokenizer_vocab, base)
     config = Qwen2Config(
-        vocab_size=-(-len(tokenizer) // spec.vocab_multiple) * spec.vocab_multiple,
-        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
+        vocab_size=-(-len(tokenizer) // spec.vocab_multiple) * spec.vocab_multiple, **spec.model,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

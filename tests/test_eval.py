@@ -88,12 +88,11 @@ def tiny(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megagsm.data.prepare import main as prepare
-    from megagsm.demo import DemoSpec, prepare_inputs
+    from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
 
     root = tmp_path_factory.mktemp("eval")
-    inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=8, n_test=3, hidden_size=32, num_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2,
-                                                      intermediate_size=64, max_position_embeddings=128))
+    inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=8, n_test=3,
+                                                      model=dict(TINY_MODEL, max_position_embeddings=128)))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(inputs["base"])).save_pretrained(str(root / "hf"))
     for name in os.listdir(inputs["base"]):

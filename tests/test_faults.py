@@ -78,7 +78,7 @@ def _train(inputs, out_dir, fault=None, overrides=()):
 
 
 def _write_inputs(root):
-    from megagsm.demo import DemoSpec, build_base
+    from megagsm.demo import TINY_MODEL, DemoSpec, build_base
 
     rows = [{"question": f"Ann has {a} pens and buys {b} more. How many pens?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
             for a, b in ((i * 7 % 50, i * 3 % 40 + 1) for i in range(32))]
@@ -88,8 +88,7 @@ def _write_inputs(root):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     base = os.path.join(root, "base")
     build_base(base, [f"{r['question']}\n{r['answer']}" for r in rows],
-               DemoSpec(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, vocab_multiple=64))
+               DemoSpec(model=TINY_MODEL))
     return {"train": path, "base": base}
 
 

@@ -256,7 +256,7 @@ def _pair_launch(init_state, layouts, inputs, root):
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.demo import DemoSpec, prepare_inputs
+    from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
 
     single = run_ranks(_update_all, 1, {"tp1": ParallelConfig()}, 16, None)[0]
     init_state = {c: single[("tp1", c)]["init"] for c in CASES}
@@ -267,9 +267,7 @@ def launches(tmp_path_factory):
         "pp2": ParallelConfig(pp=2, use_distributed_optimizer=False),
     }
     root = tmp_path_factory.mktemp("gspo")
-    tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    inputs = prepare_inputs(root / "inputs", tiny)
+    inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=64, n_test=8, model=TINY_MODEL))
     inputs["hf_init"] = _hf_weights(inputs["base"], root / "hf_init")
     from megagsm.data.prepare import prepare_gsm8k
 
@@ -414,11 +412,9 @@ def _learning_launch(inputs, root):
 def test_mean_reward_rises_on_an_easy_task(tmp_path):
     """A random tiny policy mentions a digit in about half of its 8-token completions; GSPO (paper clip
     range, 2 mini-batches per step) must make that the rule within 20 steps."""
-    from megagsm.demo import DemoSpec, prepare_inputs
+    from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
 
-    tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    inputs = prepare_inputs(tmp_path / "inputs", tiny)
+    inputs = prepare_inputs(tmp_path / "inputs", DemoSpec(n_train=64, n_test=8, model=TINY_MODEL))
     rewards = run_ranks(_learning_launch, 2, inputs, str(tmp_path))[0]
     first = sum(rewards[s] for s in (1, 2, 3)) / 3
     last = sum(rewards[s] for s in (18, 19, 20)) / 3

@@ -21,7 +21,7 @@ import os
 
 import pytest
 
-from megagsm.demo import DemoSpec, build_base
+from megagsm.demo import TINY_MODEL, DemoSpec, build_base
 from megagsm.testing.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -29,8 +29,7 @@ pytestmark = pytest.mark.multirank
 BASELINE = os.path.join(os.path.dirname(__file__), "baselines", "sft_tiny_losses.json")
 BASELINE_RTOL = 2e-4
 RESUME_RTOL = 1e-12
-TINY = DemoSpec(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=64, max_position_embeddings=64, vocab_multiple=256)  # = megatron's padding at tp<=2
+TINY = DemoSpec(model=TINY_MODEL, vocab_multiple=256)  # = megatron's padding at tp<=2
 LAYOUTS = {
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.use_distributed_optimizer=false",
                "train.eval_at_start=true", "train.eval_accuracy=true"],
