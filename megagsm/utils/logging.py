@@ -84,3 +84,16 @@ def progress(iterable: Iterable[Any] | int | None = None, desc: str | None = Non
     kwargs.setdefault("file", sys.stderr)
     disable = kwargs.pop("disable", False) or not is_rank0()
     return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)
+
+
+def filter_cli_warnings() -> None:
+    """Silences the warnings a command-line user cannot act on (the converter CLI and
+    launch/generate.py share this list): deprecations inside torch/megatron/transformers, and
+    megatron's import-time notes that transformer-engine / apex are absent (megagsm's own layers
+    stand in for them) or that ShardedTensor is deprecated."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
