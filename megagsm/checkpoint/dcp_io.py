@@ -40,7 +40,6 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megagsm.checkpoint.integrity import check_shards
-from megagsm.errors import UserError
 from megagsm.models.errors import ModelInputError
 
 
@@ -102,11 +101,11 @@ def save_lazy(chunks: list[Chunk], directory, on_chunk=None) -> None:
     chunks it owns; together they must cover every tensor). Writes megatron's metadata too."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
-    from torch.distributed.checkpoint.api import CheckpointException
+    from megagsm.checkpoint.safe_pickle import reraise_user_errors
 
     directory = Path(directory)
     distributed = dist.is_available() and dist.is_initialized()
-    try:
+    with reraise_user_errors():  # e.g. a NaN weight found by a chunk's producer
         dcp.save(
             {},
             storage_writer=FileSystemWriter(str(directory), single_file_per_rank=False, sync_files=False,
@@ -114,13 +113,6 @@ def save_lazy(chunks: list[Chunk], directory, on_chunk=None) -> None:
             planner=_LazySavePlanner(chunks, on_chunk),
             no_dist=not distributed,
         )
-    except CheckpointException as e:
-        # DCP wraps what a chunk's producer raised (on any rank); a user error stays one
-        for failure in e.failures.values():
-            cause = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(cause, UserError):
-                raise type(cause)(str(cause)) from None
-        raise
     if not distributed or dist.get_rank() == 0:
         save_config(CheckpointingConfig("torch_dist", 1), str(directory))
         torch.save({}, directory / "common.pt")  # megatron's common (non-sharded) state: none

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 from megagsm.errors import UserError
@@ -84,6 +85,23 @@ def _weights_only_load(source, path):
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"{path}: refused to unpickle ({_first_line(e)}); refusing to load "
                                     "this checkpoint (it may be crafted to run code)") from None
+
+
+@contextmanager
+def reraise_user_errors():
+    """torch.distributed.checkpoint wraps what a reader or planner raised (on any rank) in a
+    CheckpointException (a BaseException with a traceback per rank): a refused pickle or another
+    UserError inside it comes out again as that one-line UserError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        for failure in e.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, UserError):
+                raise type(cause)(str(cause)) from None
+        raise
 
 
 _INSTALLED = False
