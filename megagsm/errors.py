@@ -51,9 +51,12 @@ def _first_to_report() -> bool:
     return True
 
 
-def report_user_error(error: UserError, prefix: str = "error") -> int:
-    """Prints `prefix: message` (one line) on stderr, once per launch; returns the exit status."""
-    message = str(error).strip()
+def report_user_error(error: UserError, prefix: str | Callable[[UserError], str] = "error") -> int:
+    """Prints `prefix: message` (one line) on stderr, once per launch; returns the exit status.
+    prefix may be a function of the error (e.g. "config error" for ConfigError)."""
+    if callable(prefix):
+        prefix = prefix(error)
+    message = " ".join(str(error).split())  # one line, whatever the message held
     if isinstance(error, PeerFailedError) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return EXIT_USER_ERROR  # the rank that failed prints the cause
     if _first_to_report():
@@ -61,7 +64,8 @@ def report_user_error(error: UserError, prefix: str = "error") -> int:
     return EXIT_USER_ERROR
 
 
-def exit_on_user_error(main: Callable[[], int | None], prefix: str = "error") -> int:
+def exit_on_user_error(main: Callable[[], int | None],
+                       prefix: str | Callable[[UserError], str] = "error") -> int:
     """Runs an entry point's main(); a UserError becomes one line on stderr and status 2. Under
     torchrun a failing rank leaves at once (os._exit) so it neither hangs in a collective nor prints
     teardown tracebacks; the launcher then stops the other ranks."""
