@@ -14,7 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .metrics import MetricsWriter, plot_metrics
+from .metrics import MetricsWriter
+from .plots import plot_metrics
 from .rank import get_rank, is_rank0
 
 __all__ = ["MetricsWriter", "get_logger", "get_rank", "is_rank0", "plot_metrics", "progress", "setup_logging"]
