@@ -127,12 +127,24 @@ def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
     return list(ids)
 
 
+def run_dirs(load_dir: Path) -> list[Path]:
+    """Where a trainer's config.yaml may sit for this checkpoint: in it, or in the run's output dir
+    when it is OUT/checkpoints or OUT/checkpoints/iter_N (the trainers' layout)."""
+    load_dir = load_dir.absolute()
+    out = [load_dir]
+    if load_dir.name == "checkpoints":
+        out.append(load_dir.parent)
+    elif load_dir.name.startswith("iter_") and load_dir.parent.name == "checkpoints":
+        out.append(load_dir.parent.parent)
+    return out
+
+
 def saved_template(load_dir: Path) -> tuple[str, Path] | None:
-    """data.prompt_template of the config.yaml a trainer saved in its output dir (the checkpoint
-    itself, or one or two levels above: OUT/checkpoints/iter_N), with the file it came from."""
+    """data.prompt_template of the config.yaml the trainer saved for this checkpoint (see run_dirs),
+    with the file it came from."""
     from omegaconf import OmegaConf
 
-    for d in (load_dir, load_dir.parent, load_dir.parent.parent):
+    for d in run_dirs(load_dir):
         path = d / "config.yaml"
         if path.is_file():
             try:
