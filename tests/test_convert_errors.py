@@ -2,7 +2,6 @@
 Also: exports honour the umask (group/world readable under umask 022)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat

@@ -109,7 +109,7 @@ def test_missing_hf_dir_is_one_line_naming_the_path():
 def test_boolean_fields_take_only_booleans(value):
     proc = _run("--config", DEMO_RECIPE, f"parallel.sequence_parallel={value}", "--print-config")
     assert proc.returncode == 2
-    assert f"parallel.sequence_parallel: expected bool, got" in proc.stderr
+    assert "parallel.sequence_parallel: expected bool, got" in proc.stderr
 
 
 def test_print_config_resolves_the_recipe():

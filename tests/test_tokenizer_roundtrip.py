@@ -1,6 +1,5 @@
 """The tiny tokenizers megagsm writes round-trip through AutoTokenizer.from_pretrained, also inside a
 model dir whose config.json names a model_type (transformers then picks that family's tokenizer class)."""
-import shutil
 
 import pytest
 
