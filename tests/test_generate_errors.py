@@ -58,7 +58,7 @@ def test_bad_token_ids_name_the_line_and_id(ckpt, tmp_path, ids, message):
     path = _prompts(tmp_path, {"prompt_token_ids": [1, 2]}, {"prompt_token_ids": ids})
     with pytest.raises(UserError) as info:
         cli.main(["--load", str(ckpt), "--prompts", str(path)])
-    assert str(info.value) == f"{path}:2: {message}" or str(info.value).startswith(f"{path}:2: {message}")
+    assert str(info.value).startswith(f"{path}:2: {message}")
 
 
 def test_non_utf8_prompts_file_is_named(ckpt, tmp_path):
