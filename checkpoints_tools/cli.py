@@ -12,9 +12,7 @@ import json
 import os
 import re
 import sys
-import warnings
 
-EXIT_BAD_INPUT = 2
 
 
 def _size(text: str) -> int:
@@ -55,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing output directory (only once the new one is complete)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="convert weights holding NaN/Inf (default: an error naming the tensor)")
 
     p = sub.add_parser("hf-to-mcore", help="HF safetensors dir -> megatron torch_dist checkpoint",
                        description="Write a megatron dist_checkpointing (torch_dist) checkpoint that loads at any "
@@ -115,6 +115,13 @@ def _precheck(args) -> None:
         if path is not None and not os.path.isdir(path):
             raise ModelInputError(f"--{attr.replace('_', '-')} {path}: no such directory")
     source = getattr(args, "hf_config_dir", None) or getattr(args, "hf_dir", None) or args.mcore_dir
+    if args.command == "mcore-to-hf" and not args.hf_config_dir:  # its HF config lives in hf/
+        from megagsm.models.hf_config import HF_SUBDIR
+
+        if not any(os.path.isfile(os.path.join(source, *p, "config.json")) for p in ((HF_SUBDIR,), ())):
+            raise ModelInputError(f"--mcore-dir {source}: no {HF_SUBDIR}/config.json (the HF config and "
+                                  "tokenizer a megagsm checkpoint carries); pass --hf-config-dir DIR with "
+                                  "the model's config.json and tokenizer")
     check_model_type(load_hf_config(source).get("model_type"))
     if getattr(args, "out", None) and os.path.exists(args.out) and not args.overwrite:
         raise ModelInputError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
@@ -155,7 +162,7 @@ def run(args) -> int:
         _check_layout(args, args.hf_dir)  # before any process group exists
         parallel = _init(args)
         summary = convert_hf_to_mcore(args.hf_dir, args.out, parallel, overwrite=args.overwrite,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
         if rank == 0:
             print(json.dumps({"command": "hf-to-mcore", "out": args.out, **summary}))
         return 0
@@ -166,7 +173,8 @@ def run(args) -> int:
 
         summary = convert_mcore_to_hf(args.mcore_dir, args.out, hf_config_dir=args.hf_config_dir,
                                       max_shard_bytes=args.max_shard_size, dtype=args.dtype,
-                                      overwrite=args.overwrite, progress=not args.no_progress)
+                                      overwrite=args.overwrite, progress=not args.no_progress,
+                                      allow_nonfinite=args.allow_nonfinite)
         print(json.dumps({"command": "mcore-to-hf", "out": args.out, **summary}))
         return 0
     from megagsm.checkpoint.verify import verify_logits
@@ -186,27 +194,36 @@ def _layout_only(args):
     return ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
 
 
-def main(argv=None, keep_process_group: bool = False) -> int:
-    """Runs one command; returns the exit status. keep_process_group: leave torch.distributed up
-    afterwards (for callers that run several commands in one process, e.g. tests)."""
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # megatron announces at import that TE/apex are absent; megagsm's own layers stand in for them
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
-    from megagsm.models.errors import ModelInputError
+def run_command(argv=None, keep_process_group: bool = False) -> int:
+    """Parses argv and runs one command; returns the exit status (0, or 1 for verify above
+    tolerance). Bad input raises megagsm.errors.UserError. The process group is shut down after a
+    success (after a failure the other ranks may be gone: the launcher ends them)."""
+    from megagsm.utils.logging import filter_cli_warnings
 
-    rank, _ = _world()
-    try:
-        code = run(args)
-    except (ModelInputError, FileExistsError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    finally:
-        if not keep_process_group:
-            _shutdown()
+    args = build_parser().parse_args(argv)
+    filter_cli_warnings()
+    import megagsm.checkpoint  # noqa: F401  (guards every checkpoint read: megagsm.checkpoint.safe_pickle)
+
+    code = run(args)
+    if not keep_process_group:
+        _shutdown()
     return code
+
+
+def main(argv=None, keep_process_group: bool = False) -> int:
+    """Runs one command in this process; returns the exit status. A UserError is printed by rank 0
+    as one line and gives status 2. keep_process_group: leave torch.distributed up afterwards (for
+    callers that run several commands in one process, e.g. tests)."""
+    from megagsm.errors import EXIT_USER_ERROR, UserError
+
+    try:
+        return run_command(argv, keep_process_group)
+    except UserError as e:
+        if _world()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if not keep_process_group and _world()[1] == 1:
+            _shutdown()
+        return EXIT_USER_ERROR
 
 
 def _shutdown() -> None:

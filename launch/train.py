@@ -48,33 +48,57 @@ def dispatch(cfg) -> None:
     Trainer(cfg, algorithm).fit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from megagsm.config import ConfigError, load_config, to_yaml, validate
+def _launched() -> bool:
+    """Started by torchrun or Slurm (the world size is the launch's), not by plain python."""
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "SLURM_NTASKS" in os.environ
+
+
+def checked_config(args):
+    """The loaded config, validated before any process group starts: against parallel.world_size
+    when set (and a launch must then give exactly that), else against the launch's world size;
+    --print-config under plain python with neither skips the world-size checks with a note."""
+    from megagsm.config import load_config, validate
+    from megagsm.config.validate import check_paths
     from megagsm.runtime import launch_env
 
+    cfg = load_config(args.config, args.overrides)
+    world = launch_env()[1] if _launched() or not args.print_config else None
+    if world is None and not cfg.parallel.world_size:
+        print("note: layout not checked against a world size (set parallel.world_size=N, or launch "
+              "with torchrun)", file=sys.stderr)
+    validate(cfg, world, launched=_launched() or not args.print_config)
+    if not args.print_config:
+        check_paths(cfg)  # local inputs exist (a recipe's cluster paths need not exist for --print-config)
+    return cfg
+
+
+def _prefix(error) -> str:
+    from megagsm.config import ConfigError
+
+    return "config error" if isinstance(error, ConfigError) else "error"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 with one line on stderr (once per launch) for a config or other user error."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from megagsm.errors import UserError, exit_on_user_error, report_user_error
+
     try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg, launch_env()[1])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        cfg = checked_config(args)
+    except UserError as e:  # before any process group: every rank returns, one of them prints
+        return report_user_error(e, _prefix(e))
     if args.print_config:
+        from megagsm.config import to_yaml
+
         print(to_yaml(cfg), end="")
         return 0
     from megagsm.runtime import shutdown_runtime
 
-    from megagsm.errors import exit_on_user_error
+    def train() -> None:
+        dispatch(cfg)  # a user error found later (data, model files, checkpoints) ends the launch
+        shutdown_runtime()  # not on failure: the barrier inside would wait for ranks that are gone
 
-    def run() -> int:
-        dispatch(cfg)  # user errors found once the model or data are read (e.g. sizes in hf_dir)
-        return 0
-
-    status = exit_on_user_error(run)
-    if status:
-        return status
-    shutdown_runtime()  # not on failure: the barrier inside would wait for ranks that are gone
-    return 0
+    return exit_on_user_error(train, _prefix)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def summarize_gspo(metrics_path: str, window: int = 5) -> dict:
 def run_gspo_phase(root: Path, inputs: dict, sft_dir: Path, nproc: int, overrides: list[str] = ()) -> tuple[int, dict]:
     """GSPO from the SFT run's newest checkpoint (model.load), same data, tokenizer and model shape.
     Returns (exit code, summary)."""
-    from megagsm.utils.metrics import plot_metrics
+    from megagsm.utils.plots import plot_metrics
 
     gspo_dir = root / "gspo"
     args = [f"model.hf_dir={inputs['base']}", f"model.load={sft_dir / 'checkpoints'}", *_data_args(inputs),

@@ -32,8 +32,9 @@ def _convert_and_generate(tmp: str) -> dict:
     assert convert_main(["hf-to-mcore", "--hf-dir", str(tmp / "hf"), "--out", str(tmp / "mcore"),
                          "--no-progress"]) == 0
     (tmp / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    # --template none: the prompt text as given, so transformers sees the same ids
     code = cli.main(["--load", str(tmp / "mcore"), "--prompts", str(tmp / "in.jsonl"), "--greedy",
-                     "--max-new-tokens", "10", "--no-eos", "--output", str(tmp / "out.jsonl")])
+                     "--max-new-tokens", "10", "--no-eos", "--template", "none", "--output", str(tmp / "out.jsonl")])
     lines = [json.loads(x) for x in (tmp / "out.jsonl").read_text().splitlines()]
     from transformers import AutoTokenizer
 

@@ -53,8 +53,8 @@ def test_missing_config_file_and_unknown_algorithm():
 
 
 def test_recipes_load_and_validate_at_their_size():
-    """Every recipe names its world size in a `# world_size: N` line; it must validate there."""
-    from megagsm.config import load_config, validate
+    """Every recipe sets parallel.world_size; it validates there, and a launch of another size is refused."""
+    from megagsm.config import ConfigError, load_config, validate
 
     recipes = sorted(glob.glob(os.path.join(REPO, "launch", "recipes", "*.yaml")))
     names = {os.path.basename(r) for r in recipes}
@@ -63,11 +63,53 @@ def test_recipes_load_and_validate_at_their_size():
                      "sft_gemma_7b.yaml", "sft_seed_oss_36b.yaml", "sft_demo_cpu.yaml"):
         assert expected in names
     for recipe in recipes:
-        with open(recipe) as f:
-            sizes = [int(line.split(":")[1]) for line in f if line.startswith("# world_size:")]
-        assert sizes, f"{recipe}: no '# world_size: N' line"
         cfg = load_config(recipe)
-        validate(cfg, sizes[0])
+        planned = cfg.parallel.world_size
+        assert planned > 0, f"{recipe}: no parallel.world_size"
+        validate(cfg, planned, launched=True)
+        validate(cfg, None)                       # --print-config under plain python
+        with pytest.raises(ConfigError, match=f"parallel.world_size={planned} but this launch has WORLD_SIZE=1"):
+            validate(cfg, 1, launched=True)
+
+
+@pytest.mark.parametrize("recipe", sorted(os.path.basename(r) for r in
+                                          glob.glob(os.path.join(REPO, "launch", "recipes", "*.yaml"))))
+def test_print_config_under_plain_python(recipe):
+    """The README's `python launch/train.py --config R --print-config` works for every recipe."""
+    proc = _run("--config", os.path.join("launch", "recipes", recipe), "--print-config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world_size:" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_launch_world_size_must_match_the_recipe():
+    proc = _run("--config", DEMO_RECIPE, "--print-config", world_size=4)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("config error: parallel.world_size=2 but this launch has WORLD_SIZE=4 "
+                                   "(launch 2 processes, e.g. torchrun --nproc-per-node 2, or set "
+                                   "parallel.world_size=4, or 0 for whatever the launch gives)")
+
+
+def test_print_config_without_a_world_size_skips_the_layout_with_a_note():
+    proc = _run("--config", DEMO_RECIPE, "parallel.world_size=0", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: layout not checked against a world size" in proc.stderr and "tp: 2" in proc.stdout
+    proc = _run("--config", DEMO_RECIPE, "parallel.world_size=3", "--print-config")
+    assert proc.returncode == 2 and "does not divide world_size=3" in proc.stderr
+
+
+def test_missing_hf_dir_is_one_line_naming_the_path():
+    proc = _run("--config", DEMO_RECIPE, "model.hf_dir=/nonexistent", "parallel.world_size=1", "parallel.tp=1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("config error: model.hf_dir=/nonexistent: no such directory"), proc.stderr
+    assert "Traceback" not in proc.stderr and "Repo id" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["2", "1", "0", "null", "0.5"])
+def test_boolean_fields_take_only_booleans(value):
+    proc = _run("--config", DEMO_RECIPE, f"parallel.sequence_parallel={value}", "--print-config")
+    assert proc.returncode == 2
+    assert "parallel.sequence_parallel: expected bool, got" in proc.stderr
 
 
 def test_print_config_resolves_the_recipe():

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from megagsm.utils.logging import MetricsWriter, get_logger, get_rank, plot_metrics, progress
-from megagsm.utils.metrics import METRICS_FILE, TENSORBOARD_DIR, read_metrics, to_python
+from megagsm.utils.logging import get_logger, progress
+from megagsm.utils.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, read_metrics, to_python
+from megagsm.utils.plots import plot_metrics
+from megagsm.utils.rank import get_rank
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megagsm.checkpoint.integrity import check_shards
 from megagsm.models.errors import ModelInputError
 
 
@@ -100,15 +101,18 @@ def save_lazy(chunks: list[Chunk], directory, on_chunk=None) -> None:
     chunks it owns; together they must cover every tensor). Writes megatron's metadata too."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
+    from megagsm.checkpoint.safe_pickle import reraise_user_errors
+
     directory = Path(directory)
     distributed = dist.is_available() and dist.is_initialized()
-    dcp.save(
-        {},
-        storage_writer=FileSystemWriter(str(directory), single_file_per_rank=False, sync_files=False,
-                                        thread_count=1),
-        planner=_LazySavePlanner(chunks, on_chunk),
-        no_dist=not distributed,
-    )
+    with reraise_user_errors():  # e.g. a NaN weight found by a chunk's producer
+        dcp.save(
+            {},
+            storage_writer=FileSystemWriter(str(directory), single_file_per_rank=False, sync_files=False,
+                                            thread_count=1),
+            planner=_LazySavePlanner(chunks, on_chunk),
+            no_dist=not distributed,
+        )
     if not distributed or dist.get_rank() == 0:
         save_config(CheckpointingConfig("torch_dist", 1), str(directory))
         torch.save({}, directory / "common.pt")  # megatron's common (non-sharded) state: none
@@ -153,7 +157,8 @@ class DcpReader:
         if not (self.dir / ".metadata").is_file():
             raise ModelInputError(f"{self.dir}: not a torch_dist checkpoint (no .metadata file)")
         self.reader = FileSystemReader(str(self.dir))
-        self.metadata = self.reader.read_metadata()
+        self.metadata = self.reader.read_metadata()  # allowlisted unpickler (megagsm.checkpoint.safe_pickle)
+        check_shards(self.dir, self.metadata)
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
 
     def tensors(self) -> dict[str, TensorStorageMetadata]:

@@ -20,6 +20,8 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
 
 from megagsm.checkpoint.dcp_io import Chunk, save_lazy
+from megagsm.checkpoint.finite import check_finite
+from megagsm.checkpoint.integrity import content_manifest
 from megagsm.checkpoint.safetensors_io import SafetensorsDir
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
@@ -119,8 +121,17 @@ def _broadcast(obj):
 
 
 def read_region(files: SafetensorsDir, rule: WeightRule, names: list[str], dims: Dims,
-                offset: tuple, shape: tuple) -> torch.Tensor:
-    """Rows/columns [offset, offset + shape) of the fused megatron tensor, from the HF tensors."""
+                offset: tuple, shape: tuple, allow_nonfinite: bool = True) -> torch.Tensor:
+    """Rows/columns [offset, offset + shape) of the fused megatron tensor, from the HF tensors;
+    NaN/Inf is an error naming the HF tensors unless allow_nonfinite."""
+    region = _read_region(files, rule, names, dims, offset, shape)
+    if not allow_nonfinite:
+        check_finite(region, "/".join(names), files.info(names[0]).file)
+    return region
+
+
+def _read_region(files: SafetensorsDir, rule: WeightRule, names: list[str], dims: Dims,
+                 offset: tuple, shape: tuple) -> torch.Tensor:
     infos = [files.info(n) for n in names]
     segments = rule.kind.segments([i.shape for i in infos], dims)
     cols = None
@@ -141,7 +152,8 @@ def read_region(files: SafetensorsDir, rule: WeightRule, names: list[str], dims:
     return out
 
 
-def plan_chunks(provider: ModelProvider, files: SafetensorsDir, shards: list[ShardedTensor]) -> list[Chunk]:
+def plan_chunks(provider: ModelProvider, files: SafetensorsDir, shards: list[ShardedTensor],
+                allow_nonfinite: bool = False) -> list[Chunk]:
     """Validates the whole model (collective) and returns the chunks this rank writes."""
     rules, dims = provider.weight_map.by_mcore(), provider.dims()
     unmapped = sorted({s.key for s in shards if s.key not in rules})
@@ -184,21 +196,22 @@ def plan_chunks(provider: ModelProvider, files: SafetensorsDir, shards: list[Sha
             offsets=(*index, *offset),
             sizes=((1,) * pre + shape),
             dtype=files.info(names[0]).dtype,
-            produce=partial(read_region, files, rule, names, dims, offset, shape),
+            produce=partial(read_region, files, rule, names, dims, offset, shape, allow_nonfinite),
         ))
     return chunks
 
 
 def convert_hf_to_mcore(hf_dir, out_dir, parallel: ParallelConfig, overwrite: bool = False,
-                        progress: bool = True) -> dict:
-    """Collective: run on every rank after init_runtime(parallel). Returns a summary dict."""
+                        progress: bool = True, allow_nonfinite: bool = False) -> dict:
+    """Collective: run on every rank after init_runtime(parallel). Returns a summary dict. A NaN/Inf
+    weight is an error (nothing written) unless allow_nonfinite."""
     start = time.perf_counter()
     hf_config = load_hf_config(hf_dir)
     provider = provider_for(hf_config)
     provider.check_layout(parallel)
     files = SafetensorsDir(hf_dir)
     shards = model_shards(provider.build(parallel, meta=True))
-    chunks = plan_chunks(provider, files, shards)
+    chunks = plan_chunks(provider, files, shards, allow_nonfinite)
 
     bar = None
     if progress and _rank() == 0:
@@ -213,7 +226,8 @@ def convert_hf_to_mcore(hf_dir, out_dir, parallel: ParallelConfig, overwrite: bo
                 copy_hf_side_files(files.dir, tmp / HF_SUBDIR)
                 write_manifest(tmp, writer="hf-to-mcore", model_type=provider.model_type,
                                vocab_size=provider.vocab_size,
-                               written_with={"tp": parallel.tp, "pp": parallel.pp, "ep": parallel.ep})
+                               written_with={"tp": parallel.tp, "pp": parallel.pp, "ep": parallel.ep},
+                               **content_manifest(tmp))
     finally:
         if bar is not None:
             bar.close()

@@ -33,12 +33,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megagsm.checkpoint.integrity import verify_checkpoint_collective
 from megagsm.checkpoint.model_weights import (load_mcore_checkpoint, load_model_state, model_keys,
                                               model_sharded_state_dict, stored_metadata)
 from megagsm.checkpoint.optimizer_state import (OPTIMIZER_SHARDING, check_optimizer_layout,
                                                 materialise_optimizer_state, optimizer_has_state,
                                                 optimizer_layout, restore_adam_steps)
 from megagsm.checkpoint.rng import capture_rng_state, restore_rng_state
+from megagsm.checkpoint.safe_pickle import reraise_user_errors
 from megagsm.errors import UserError
 from megagsm.runtime.collectives import barrier
 from megagsm.utils.atomic import write_text_atomic
@@ -246,11 +248,13 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
     if optimizer is not None:
         check_optimizer_layout(path, trainer_state.layout, optimizer_layout(optimizer))
         materialise_optimizer_state(optimizer)
+    verify_checkpoint_collective(path)  # every shard there and whole before megatron opens any
     template = sharded_state_dict(model_chunks, optimizer, scheduler,
                                   capture_rng_state() if with_rng else None, is_loading=True)
     if scheduler is not None:
         template.pop("opt_param_scheduler")  # plain value: comes from common.pt
-    loaded = dist_checkpointing.load(template, path)
+    with reraise_user_errors():
+        loaded = dist_checkpointing.load(template, path)
     load_model_state(model_chunks, loaded, stored_metadata(path), path)
     if optimizer is not None:
         # megatron copies into main params (views of fp32 model params) in place; it marks only some

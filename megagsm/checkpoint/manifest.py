@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from megagsm.checkpoint.integrity import content_manifest
 from megagsm.models.hf_config import HF_SUBDIR, MANIFEST
 
 # weight files and indexes are never copied as "side files"
@@ -57,6 +58,7 @@ def hf_side_files_writer(hf_config: dict, tokenizer, **manifest) -> Callable[[st
         with open(os.path.join(target, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
         tokenizer.save_pretrained(target)
-        write_manifest(checkpoint_dir, model_type=hf_config.get("model_type"), **manifest)
+        write_manifest(checkpoint_dir, model_type=hf_config.get("model_type"), **manifest,
+                       **content_manifest(checkpoint_dir, checksums=False))
 
     return write

@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 
 from megagsm.checkpoint.dcp_io import DcpReader
+from megagsm.checkpoint.finite import check_finite
+from megagsm.checkpoint.integrity import verify_checkpoint
 from megagsm.checkpoint.safetensors_io import ShardedSafetensorsWriter
 from megagsm.models.errors import ModelInputError
 from megagsm.models.mapping import WeightRule, split
 from megagsm.checkpoint.manifest import copy_hf_side_files
+from megagsm.models.hf_config import HF_SUBDIR
 from megagsm.models.provider import ModelProvider, hf_files_dir, load_hf_config, provider_for
 from megagsm.utils.atomic import atomic_dir
 
@@ -117,18 +120,34 @@ def _hf_tensors(reader: DcpReader, job: _Job, dims):
     yield from zip(job.names, split(job.rule, fused, dims))
 
 
+def side_files_dir(mcore_dir, hf_config_dir=None) -> Path:
+    """Where config.json and the tokenizer come from: --hf-config-dir, else MCORE_DIR/hf/ (a
+    checkpoint without it, e.g. one saved by plain megatron, needs --hf-config-dir)."""
+    mcore_dir = Path(mcore_dir)
+    if hf_config_dir is not None:
+        return hf_files_dir(hf_config_dir)
+    if not (mcore_dir / HF_SUBDIR / "config.json").is_file() and not (mcore_dir / "config.json").is_file():
+        raise ModelInputError(f"{mcore_dir}: no {HF_SUBDIR}/config.json (the HF config and tokenizer a megagsm "
+                              "checkpoint carries); pass --hf-config-dir DIR with the model's config.json")
+    return hf_files_dir(mcore_dir)
+
+
 def convert_mcore_to_hf(mcore_dir, out_dir, hf_config_dir=None, max_shard_bytes: int = 5 * 2**30,
-                        dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Exports a torch_dist model checkpoint to an HF model directory. One process."""
+                        dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+                        allow_nonfinite: bool = False) -> dict:
+    """Exports a torch_dist model checkpoint to an HF model directory. One process. The checkpoint is
+    verified first (manifest sizes and checksums, every shard present); a NaN/Inf weight is an error
+    (nothing written) unless allow_nonfinite."""
     start = time.perf_counter()
     mcore_dir = Path(mcore_dir)
     if not mcore_dir.is_dir():
         raise ModelInputError(f"{mcore_dir}: no such directory")
-    side = hf_files_dir(hf_config_dir or mcore_dir)
+    side = side_files_dir(mcore_dir, hf_config_dir)
     hf_config = load_hf_config(side)
     provider = provider_for(hf_config)
     if dtype is not None and dtype not in DTYPES:
         raise ModelInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    verify_checkpoint(mcore_dir)
     reader = DcpReader(mcore_dir)
     jobs = plan_export(provider, reader, DTYPES.get(dtype))
     dims = provider.dims()
@@ -146,6 +165,8 @@ def convert_mcore_to_hf(mcore_dir, out_dir, hf_config_dir=None, max_shard_bytes:
             writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
             for job in jobs:
                 for name, tensor in _hf_tensors(reader, job, dims):
+                    if not allow_nonfinite:
+                        check_finite(tensor, name, f"{mcore_dir} ({job.rule.mcore})")
                     writer.write(name, tensor)
                     if bar is not None:
                         bar.update(tensor.numel() * tensor.element_size())

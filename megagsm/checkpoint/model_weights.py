@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megagsm.checkpoint.integrity import content_manifest, verify_checkpoint_collective
 from megagsm.checkpoint.manifest import copy_hf_side_files, write_manifest
+from megagsm.checkpoint.safe_pickle import reraise_user_errors
 from megagsm.models.errors import ModelInputError
 from megagsm.models.gpt import unwrap_model
 from megagsm.models.hf_config import HF_SUBDIR, hf_files_dir
@@ -98,10 +100,12 @@ def load_mcore_checkpoint(model_chunks, ckpt_dir) -> None:
     wrote it. Collective over all ranks."""
     from megatron.core import dist_checkpointing
 
+    verify_checkpoint_collective(ckpt_dir)  # whole and unaltered before any file of it is opened
     stored = stored_metadata(ckpt_dir)
     sharded = model_sharded_state_dict(model_chunks)
     _drop_absent_extra_state(sharded, set(stored))
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    with reraise_user_errors():
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     load_model_state(model_chunks, loaded, stored, ckpt_dir)
 
 
@@ -118,4 +122,4 @@ def save_mcore_checkpoint(model_chunks, out_dir, hf_files_from, overwrite: bool 
         dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(tmp))
         if not dist.is_initialized() or dist.get_rank() == 0:
             copy_hf_side_files(side_files, tmp / HF_SUBDIR)
-            write_manifest(tmp, writer="save_mcore_checkpoint", **manifest)
+            write_manifest(tmp, writer="save_mcore_checkpoint", **manifest, **content_manifest(tmp))

@@ -31,13 +31,24 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def read_header(path: Path) -> dict:
+    """The tensor entries of a safetensors header; the file must hold every byte they point at."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
+        size = path.stat().st_size
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelInputError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelInputError(f"{path}: not a readable safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
+    try:
+        end = 8 + n + max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ModelInputError(f"{path}: not a readable safetensors file (a header entry has no "
+                              "data_offsets)") from None
+    if size < end:
+        raise ModelInputError(f"{path}: truncated: {size} bytes, its header needs {end}")
     return header
 
 

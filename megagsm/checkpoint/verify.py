@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megagsm.checkpoint.integrity import verify_checkpoint_collective
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.forward import forward_logits
@@ -46,6 +47,7 @@ def verify_logits(hf_dir, mcore_dir, parallel: ParallelConfig, batch: int = 2, s
                               f"has {hf_config.get('model_type')!r}")
     provider = provider_for(ckpt_config)
     provider.check_layout(parallel)
+    verify_checkpoint_collective(mcore_dir)  # files whole and unaltered before any is opened
     chunks = provider.build(parallel, DTYPES[dtype], perform_initialization=False)
     load_mcore_checkpoint(chunks, mcore_dir)
     tokens = sample_tokens(provider.vocab_size, batch, seq, seed)

@@ -32,19 +32,21 @@ def _nonpositive_sizes(parallel: ParallelConfig) -> list[str]:
     return [f"parallel.{k}={v} must be >= 1" for k, v in sizes.items() if v is not None and v < 1]
 
 
-def parallel_problems(parallel: ParallelConfig, world_size: int) -> list[str]:
-    """Layout problems that need no model sizes: sizes >= 1 and world_size divisibility."""
+def parallel_problems(parallel: ParallelConfig, world_size: int | None) -> list[str]:
+    """Layout problems that need no model sizes: sizes >= 1 and world_size divisibility (skipped
+    when world_size is None: not known yet)."""
     problems: list[str] = []
-    if world_size < 1:
+    if world_size is not None and world_size < 1:
         return [f"world_size={world_size} must be >= 1"]
     bad = _nonpositive_sizes(parallel)
     if bad:
         return bad  # every rule below divides by these
     p = parallel
-    _must_divide(problems, f"parallel.tp*pp*cp ({p.tp}*{p.pp}*{p.cp})", p.tp * p.pp * p.cp,
-                 "world_size", world_size)
-    _must_divide(problems, f"parallel.etp*ep*pp ({p.expert_tp}*{p.ep}*{p.pp})", p.expert_tp * p.ep * p.pp,
-                 "world_size", world_size)
+    if world_size is not None:
+        _must_divide(problems, f"parallel.tp*pp*cp ({p.tp}*{p.pp}*{p.cp})", p.tp * p.pp * p.cp,
+                     "world_size", world_size)
+        _must_divide(problems, f"parallel.etp*ep*pp ({p.expert_tp}*{p.ep}*{p.pp})", p.expert_tp * p.ep * p.pp,
+                     "world_size", world_size)
     if p.vpp is not None and p.pp == 1:
         problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 (interleaved pipeline); "
                         "allowed at pp=1: null")

@@ -82,10 +82,21 @@ def _check_keys(section: type, src: dict, prefix: str, where: str) -> None:
         if key not in hints:
             raise ConfigError(f"unknown key '{full}' (in {where}){_suggest(str(key), hints)}")
         field_type = hints[key]
+        if _strip_optional(field_type) is bool and not _is_bool_value(value, field_type):
+            # omegaconf would turn 2, "yes" or "on" into true: a boolean field takes true/false only
+            raise ConfigError(f"{full}: expected bool, got {value!r} (in {where}; allowed: true, false)")
         if isinstance(field_type, type) and dataclasses.is_dataclass(field_type):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping (a config section), got {value!r} (in {where})")
             _check_keys(field_type, value, prefix=f"{full}.", where=where)
+
+
+def _is_bool_value(value: Any, field_type: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if value is None:
+        return _strip_optional(field_type) is not field_type  # null only for Optional[bool]
+    return isinstance(value, str) and value.startswith("${")  # an interpolation, resolved later
 
 
 def _suggest(key: str, known: dict) -> str:

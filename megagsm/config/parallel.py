@@ -19,6 +19,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Processes the layout is planned for (all nodes). 0: whatever the launch gives. When set, the
+    # layout is checked against it before any launch (--print-config included), and a launch with
+    # another WORLD_SIZE is refused.
+    world_size: int = 0
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)

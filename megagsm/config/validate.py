@@ -18,14 +18,35 @@ log = logging.getLogger(__name__)
 SYNTHETIC_LEVELS = 5
 
 
-def validate(cfg: RunConfig, world_size: int) -> None:
-    """Raise ConfigError listing every problem (one line, '; '-separated), each naming its field."""
-    problems = parallel_problems(cfg.parallel, world_size)
+def planned_world_size(cfg: RunConfig, launch_world_size: int | None) -> int | None:
+    """The world size the layout is checked against: parallel.world_size when set, else the launch's
+    (None: not known, e.g. --print-config under plain python for a recipe that sets none)."""
+    return cfg.parallel.world_size or launch_world_size
+
+
+def launch_problems(cfg: RunConfig, launch_world_size: int) -> list[str]:
+    """A set parallel.world_size must be what the launch gives."""
+    planned = cfg.parallel.world_size
+    if planned and planned != launch_world_size:
+        return [f"parallel.world_size={planned} but this launch has WORLD_SIZE={launch_world_size} "
+                f"(launch {planned} processes, e.g. torchrun --nproc-per-node {planned}, or set "
+                f"parallel.world_size={launch_world_size}, or 0 for whatever the launch gives)"]
+    return []
+
+
+def validate(cfg: RunConfig, world_size: int | None, *, launched: bool = False) -> None:
+    """Raise ConfigError listing every problem (one line, '; '-separated), each naming its field.
+    The layout is checked against parallel.world_size when set, else against `world_size`; None
+    skips the checks that need a world size. launched: `world_size` is the real launch's, which
+    must then equal a set parallel.world_size."""
+    problems = launch_problems(cfg, world_size) if launched and world_size is not None else []
+    world_size = planned_world_size(cfg, world_size)
+    problems += parallel_problems(cfg.parallel, world_size)
     m = cfg.model
     problems += model_problems(cfg.parallel, m.num_layers, m.num_attention_heads, m.num_query_groups,
                                _num_experts(cfg), m.ffn_hidden_size)
     problems += _model_source_problems(cfg)
-    problems += _batch_problems(cfg, world_size)
+    problems += _batch_problems(cfg, world_size) if world_size is not None else []
     problems += _data_problems(cfg)
     problems += _range_problems(cfg)
     if cfg.algorithm.name == "gspo":
@@ -129,6 +150,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     """Plain bounds, as (dotted name, value, ok?, allowed) rows."""
     o, t, d, gen, g = cfg.optim, cfg.train, cfg.data, cfg.generation, cfg.algorithm.gspo
     rows = [
+        ("parallel.world_size", cfg.parallel.world_size, cfg.parallel.world_size >= 0,
+         ">= 0 (0: whatever the launch gives)"),
         ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
         ("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, f"0 <= min_lr <= optim.lr={o.lr}"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
@@ -189,3 +212,31 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     return [f"{name}={value!r} is out of range (allowed: {allowed})"
             for name, value, ok, allowed in rows if not ok]
 
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a Hugging Face Hub id ("org/name" stays a Hub id)."""
+    return os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1
+
+
+def path_problems(cfg: RunConfig) -> list[str]:
+    """Local paths the run reads must exist (checked at launch, not by --print-config: a recipe's
+    placeholders exist only on the cluster). Hub ids are left to the loaders."""
+    m = cfg.model
+    problems = []
+    for name, value in (("model.hf_dir", m.hf_dir), ("model.tokenizer", m.tokenizer)):
+        if value and _looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
+            what = "no such directory" if not os.path.exists(os.path.expanduser(value)) else "not a directory"
+            problems.append(f"{name}={value}: {what} (a local HF model dir with config.json and tokenizer "
+                            "files, or a Hugging Face Hub id like Qwen/Qwen2.5-0.5B)")
+    if m.hf_dir and os.path.isdir(os.path.expanduser(m.hf_dir)) and m.init in ("hf", "random") \
+            and not os.path.isfile(os.path.join(os.path.expanduser(m.hf_dir), "config.json")):
+        problems.append(f"model.hf_dir={m.hf_dir}: no config.json there (not an HF model directory)")
+    return problems
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """ConfigError naming each missing local input path (see path_problems)."""
+    problems = path_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -100,6 +100,7 @@ def train_tokenizer(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give it an ordinary directory's mode
     try:
         hf_tokenizer.save_pretrained(str(tmp))
         _write_compat_files(tmp)
@@ -110,6 +111,30 @@ def train_tokenizer(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_tokenizer(out)
+
+
+def _umask() -> int:
+    from megagsm.utils.atomic import current_umask
+
+    return current_umask()
+
+
+# A fixed English + arithmetic corpus for test tokenizers: every ASCII symbol is in the alphabet, so
+# any ASCII text encodes (nothing becomes <unk>) and words merge into a few tokens.
+_TEST_CORPUS = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Let's think step by step and output "
+    "the final answer after \"####\".\nNatalia sold 48/2 = 24 clips in May.\n#### 72\n"
+    "What is 12 + 7? The answer is 19. Weng earns $12 an hour for babysitting. Question: Answer:\n"
+)
+
+
+def save_test_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256):
+    """A small byte-level BPE (digits one per token, BOS/EOS/PAD) for tiny test models, trained on a
+    fixed corpus: unlike a word-level vocabulary it round-trips any ASCII text through
+    AutoTokenizer.from_pretrained, whatever model_type the config.json beside it names (transformers
+    5 rebuilds e.g. Qwen2Tokenizer from the vocabulary and merges, which a word-level model lacks)."""
+    return train_tokenizer([_TEST_CORPUS] * 4, vocab_size, out_dir)
 
 
 def _write_compat_files(directory: Path) -> None:

@@ -32,18 +32,11 @@ def tiny_config(model_type: str, **overrides):
 
 
 def save_tiny_tokenizer(out_dir, vocab_size: int = 256) -> None:
-    """A word-level tokenizer over made-up words, saved as tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The project's byte-level test tokenizer (round-trips through AutoTokenizer, so text prompts
+    work on the converted checkpoints too)."""
+    from megagsm.data.tokenizer import save_test_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for i in range(len(vocab), vocab_size):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(out_dir))
+    save_test_tokenizer(out_dir, min(vocab_size, 256))
 
 
 def make_tiny_hf_model(model_type: str, out_dir, seed: int = 0, tokenizer: bool = True, **overrides):

@@ -37,7 +37,8 @@ from megagsm.train.model import build_model
 from megagsm.train.optim import build_scheduler, current_lr, optimizer_config
 from megagsm.utils.logging import get_logger, progress
 from megagsm.rewards import make_batch_scorer
-from megagsm.utils.metrics import MetricsWriter, plot_metrics
+from megagsm.utils.metrics import MetricsWriter
+from megagsm.utils.plots import plot_metrics
 from megagsm.utils.rank import is_rank0
 
 log = get_logger(__name__)
@@ -212,5 +213,6 @@ class Trainer:
         jsonl = os.path.join(t.output_dir, "metrics.jsonl")
         if is_rank0() and os.path.exists(jsonl):
             plot_metrics(jsonl, os.path.join(t.output_dir, f"{self.algorithm.phase}_metrics.png"),
-                         self.algorithm.plot_keys, phase=self.algorithm.phase)
+                         self.algorithm.plot_keys, phase=self.algorithm.phase,
+                         counts={"accuracy": len(self.held_out)} if self.held_out else None)
         return self.result

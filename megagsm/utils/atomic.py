@@ -1,7 +1,13 @@
 """Atomic writes. A directory: build it under `<out>.tmp-XXXX` beside `out`, rename when complete,
 remove the temp dir on any error. Collective when torch.distributed is up (every rank writes into
 the same temp dir; rank 0 creates and renames it), so a half-written `out` never exists. A text
-file: `write_text_atomic`."""
+file: `write_text_atomic`.
+
+`mkdtemp` / `mkstemp` create owner-only entries (0700 / 0600); what they make here is given the
+mode an ordinary mkdir / open would (0777 / 0666 minus the umask), so under umask 022 an export
+is readable by the group and others, as any other file the user writes.
+A path that cannot be written (read-only directory, a regular file where a directory must be, an
+existing output) is an OutputPathError (a UserError naming the path)."""
 from __future__ import annotations
 
 import os
@@ -13,13 +19,67 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megagsm.errors import UserError
+
+
+class OutputPathError(UserError):
+    """The output path cannot be created or written."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The output exists and overwriting was not asked for."""
+
+
+def current_umask() -> int:
+    """The process umask: from /proc (no race with other threads), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool) -> int:
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def _output_error(path: Path, error: OSError) -> OutputPathError:
+    """A one-line error naming the path at fault (the first existing non-directory above it, when
+    that is the cause)."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            return OutputPathError(f"{path}: cannot create it: {parent} is a file, not a directory")
+    reason = error.strerror or type(error).__name__
+    where = next((p for p in path.parents if p.exists()), path.parent)
+    return OutputPathError(f"{path}: cannot write there ({reason}: {where})")
+
+
+def make_temp_dir(out: Path) -> Path:
+    """A fresh `<out>.tmp-XXXX` beside `out` (parents created), with the umask's directory mode."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _output_error(out, e) from None
+    os.chmod(tmp, umask_mode(directory=True))
+    return tmp
+
 
 def write_text_atomic(path, text: str) -> None:
     """Write `text` (utf-8) to `path` through a temp file in the same directory, fsynced, then renamed
     over `path`: a reader sees the old file or the whole new one; the temp file goes on any error."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from None
+    try:
+        os.fchmod(fd, umask_mode(directory=False))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -51,13 +111,17 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
     together = collective and _distributed()
     rank = dist.get_rank() if together else 0
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (choose another path or overwrite)")
+        raise OutputExistsError(f"{out}: already exists (choose another path or overwrite)")
     tmp_name = [None]
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_name[0] = tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent)
+        try:
+            tmp_name[0] = str(make_temp_dir(out))
+        except OutputPathError as e:
+            tmp_name[0] = e
     if together:
         dist.broadcast_object_list(tmp_name, src=0)
+    if isinstance(tmp_name[0], OutputPathError):
+        raise OutputPathError(str(tmp_name[0]))
     tmp = Path(tmp_name[0])
     ok = False
     try:
@@ -79,4 +143,6 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
         if together:
             dist.barrier()
     if not everyone_ok:
-        raise RuntimeError(f"another rank failed while writing {out}")
+        from megagsm.errors import PeerFailedError
+
+        raise PeerFailedError(f"another rank failed while writing {out}")

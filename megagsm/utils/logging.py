@@ -14,10 +14,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .metrics import MetricsWriter, plot_metrics
 from .rank import get_rank, is_rank0
 
-__all__ = ["MetricsWriter", "get_logger", "get_rank", "is_rank0", "plot_metrics", "progress", "setup_logging"]
+__all__ = ["filter_cli_warnings", "get_logger", "progress", "setup_logging"]
 
 _ROOT = "megagsm"
 _FORMAT = "%(asctime)s %(levelname)s %(rankprefix)s%(name)s: %(message)s"
@@ -84,3 +83,16 @@ def progress(iterable: Iterable[Any] | int | None = None, desc: str | None = Non
     kwargs.setdefault("file", sys.stderr)
     disable = kwargs.pop("disable", False) or not is_rank0()
     return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)
+
+
+def filter_cli_warnings() -> None:
+    """Silences the warnings a command-line user cannot act on (the converter CLI and
+    launch/generate.py share this list): deprecations inside torch/megatron/transformers, and
+    megatron's import-time notes that transformer-engine / apex are absent (megagsm's own layers
+    stand in for them) or that ShardedTensor is deprecated."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")

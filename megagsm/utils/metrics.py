@@ -10,9 +10,8 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from .rank import is_rank0
@@ -137,44 +136,6 @@ def read_metrics(jsonl_path: str, phase: str | None = None) -> list[dict[str, An
             if phase is None or row.get("phase") == phase:
                 rows.append(row)
     return rows
-
-
-def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str], by: str = "step",
-                 phase: str | None = None) -> str:
-    """One panel per key, metric against `by`, one line per phase; written atomically as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: leaves the process's backend alone
-
-    rows = read_metrics(jsonl_path, phase)
-    fig = Figure(figsize=(7, 2.6 * max(1, len(keys))), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(max(1, len(keys)), 1, squeeze=False)[:, 0]
-    for ax, key in zip(axes, keys):
-        phases = sorted({str(r.get("phase")) for r in rows if _is_scalar(r.get(key))})
-        for ph in phases:
-            points = [(r[by], r[key]) for r in rows
-                      if str(r.get("phase")) == ph and _is_scalar(r.get(key)) and _is_scalar(r.get(by))]
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
-                    label=ph)
-        if phases:
-            ax.legend(loc="best", fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(key)
-        ax.set_xlabel(by)
-        ax.grid(True, alpha=0.3)
-    directory = os.path.dirname(os.path.abspath(png_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plot-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, png_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return png_path
 
 
 def _is_scalar(value: Any) -> bool:
