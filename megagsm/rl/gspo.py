@@ -26,7 +26,8 @@ from megagsm.data.prompts import encode_prompt
 from megagsm.generation import generate_batched
 from megagsm.models.training import sequence_length_multiple
 from megagsm.rl.batching import Advantages, Rollouts, build_minibatches, compute_advantages
-from megagsm.rl.reference import ReferencePolicy
+from megagsm.models.lora import adapter_dropout_disabled
+from megagsm.rl.reference import FrozenBaseReference, ReferencePolicy
 from megagsm.rl.rollout import (PromptSchedule, Scorer, check_placement, rank_share, rollout_seed, sampling_params,
                                 stop_token_ids)
 from megagsm.rl.update import LossSpec, compute_log_probs, update_policy, with_log_probs
@@ -67,7 +68,13 @@ class GSPO:
         check_placement(g.prompts_per_step, g.mini_batches, info.dp_size)
         self.samples_per_step = g.prompts_per_step
         self.reward_method = g.reward_method
-        self.needs_initial_policy = g.kl_coef > 0
+        self.lora = cfg.train.lora.enabled
+        # under LoRA the reference is the frozen base, which every checkpoint holds unchanged
+        self.needs_initial_policy = g.kl_coef > 0 and not self.lora
+        if self.lora and cfg.train.lora.dropout > 0:
+            log.info("train.lora.dropout=%s is not applied by GSPO: rollouts, log-prob passes and updates "
+                     "all run the adapters without dropout (the ratio compares one deterministic policy)",
+                     cfg.train.lora.dropout)
         self.schedule = PromptSchedule(len(trainer.train_examples), g.prompts_per_step, cfg.train.seed)
         self.share = rank_share(g.prompts_per_step, g.mini_batches, info.dp_size, info.dp_rank)
         self.scorer = Scorer(g.reward, g.reward_method)
@@ -75,12 +82,13 @@ class GSPO:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.spec = LossSpec.from_config(g, cfg.generation, trainer.vocab_limit)
         self.multiple = sequence_length_multiple(cfg.parallel)
-        self.reference: ReferencePolicy | None = None
+        self.reference: ReferencePolicy | FrozenBaseReference | None = None
         self._prompts: dict[int, list[int]] = {}
 
     def on_initial_policy(self) -> None:
-        if self.gspo.kl_coef > 0:
-            self.reference = ReferencePolicy(self.trainer.chunks)  # the initial policy, before any resume
+        if self.gspo.kl_coef > 0:  # the initial policy, before any resume
+            chunks = self.trainer.chunks
+            self.reference = FrozenBaseReference(chunks) if self.lora else ReferencePolicy(chunks)
 
     def prompt(self, index: int) -> list[int]:
         if index not in self._prompts:
@@ -137,7 +145,8 @@ class GSPO:
                 minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, self.spec),
                                              "ref_log_prob")
         update_started = time.perf_counter()
-        update = update_policy(trainer.chunks, trainer.optimizer, minibatches, self.spec, g.ppo_epochs)
+        with adapter_dropout_disabled(trainer.chunks):  # (no-op without LoRA)
+            update = update_policy(trainer.chunks, trainer.optimizer, minibatches, self.spec, g.ppo_epochs)
         finished = time.perf_counter()
         row = self._global_rollout_stats(rollouts, advantages, stats, step)
         row.update(old.metrics.merged(update.metrics).reduce(UPDATE_METRICS))

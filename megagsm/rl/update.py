@@ -24,6 +24,7 @@ recomputed ones is reported as ``logprob_diff_gen``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -163,10 +164,32 @@ class LogProbs:
     metrics: MetricSums
 
 
+@contextlib.contextmanager
+def _eval_mode(model_chunks: list):
+    """eval() for the duration, then every module's own train/eval flag back. megatron's forward-only
+    schedule leaves the model in train mode, where dropout (LoRA's included) would make log-probs a
+    random draw; with every dropout at 0 (megagsm's default) the numbers are the same either way."""
+    modules = [m for chunk in model_chunks for m in chunk.modules()]
+    was_training = [m.training for m in modules]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, was_training):
+            m.training = training
+
+
 @torch.no_grad()
 def compute_log_probs(model_chunks: list, minibatches: list[MiniBatch], spec: LossSpec,
                       with_metrics: bool = False) -> LogProbs:
-    """Log-probs of every response token under the current weights, microbatch by microbatch."""
+    """Log-probs of every response token under the current weights, microbatch by microbatch, with
+    the model in eval mode (deterministic: no dropout)."""
+    with _eval_mode(model_chunks):
+        return _forward_only_log_probs(model_chunks, minibatches, spec, with_metrics)
+
+
+def _forward_only_log_probs(model_chunks, minibatches, spec, with_metrics) -> LogProbs:
     values, reports = [], []
     for mb in minibatches:
         if not mb.microbatches:
