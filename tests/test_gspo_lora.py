@@ -14,7 +14,9 @@ sample from base + adapters: greedy completions equal those of the merged model 
 
 Checkpoints: a 3-step run with kl_coef > 0 (save every step) equals a 2-step run resumed for 1, to the
 bit (losses and weights). The final HF export (adapters merged) gives the logits of the merged megatron
-model; the PEFT adapter export loaded by peft onto the HF base model gives the same logits.
+model; the PEFT adapter export loaded by peft onto the HF base model gives the same logits (dense
+Qwen2 at DP2 and the Qwen2-MoE run, whose adapters sit on per-layer and stacked keys and on the shared
+expert). The peft checks are skipped when peft is not installed (pyproject's `test` extra).
 
 Tolerances: the same model in one process agrees to the bit (== 0). HF (transformers) vs megatron
 logits of one model agree to ~1e-6 in fp32 (README: ~2e-7 measured); 1e-4 leaves margin while a
@@ -67,24 +69,41 @@ def _split(state: dict) -> tuple[dict, dict]:
 
 def _trained_run(inputs, out_dir, overrides) -> dict:
     from megagsm.rl.gspo import GSPO
-    from megagsm.rl.reference import ReferencePolicy
-    from megagsm.runtime.sharded import gather_full_state_dict
     from megagsm.train import Trainer
     from megagsm.utils.metrics import read_metrics
 
     trainer = Trainer(_config(inputs, out_dir, overrides), GSPO)
     trainer.restore = _restore_once(trainer)  # the weights before training are those after restore
+    trainer.finish = _trained_state_kept(trainer)  # ... and after it those before the export merges
+    trainable = sorted(n for c in trainer.chunks for n, p in c.named_parameters() if p.requires_grad)
     result = trainer.fit()
     before_base, before_adapters = _split(trainer.before)
-    after_base, after_adapters = _split(gather_full_state_dict(trainer.chunks))
-    trainable = sorted(n for c in trainer.chunks for n, p in c.named_parameters() if p.requires_grad)
+    after_base, after_adapters = _split(trainer.after)
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
     return {"history": result.history, "rows": read_metrics(os.path.join(out_dir, "metrics.jsonl")),
+            "export": result.hf_export, "adapter": result.hf_adapter, "tokens": tokens,
             "base_moved": max((after_base[k] - v).abs().max().item() for k, v in before_base.items()),
             "base_keys": sorted(before_base), "adapter_keys": sorted(before_adapters),
             "a_moved": min((after_adapters[k] - v).abs().max().item() for k, v in before_adapters.items()
                            if k.endswith("weight_a")),
             "trainable": trainable,
-            "snapshot_bytes": ReferencePolicy(trainer.chunks).snapshot_bytes}
+            "snapshot_bytes": trainer.snapshot_bytes}
+
+
+def _trained_state_kept(trainer):
+    from megagsm.runtime.sharded import gather_full_state_dict
+
+    finish = trainer.finish
+
+    def wrapped():
+        from megagsm.rl.reference import ReferencePolicy
+
+        trainer.after = gather_full_state_dict(trainer.chunks)
+        # what full-FT GSPO's KL reference would hold on the host for this model (adapters included)
+        trainer.snapshot_bytes = ReferencePolicy(trainer.chunks).snapshot_bytes
+        return finish()
+
+    return wrapped
 
 
 def _restore_once(trainer):
@@ -243,7 +262,7 @@ def _launch(inputs, root):
         "dp2": ["parallel.use_distributed_optimizer=true"],
         "pp2": ["parallel.pp=2"],
         "moe_ep2": ["model.init=hf", f"model.hf_dir={inputs['moe']}", f"model.tokenizer={inputs['base']}",
-                    "parallel.ep=2"],
+                    "parallel.ep=2", "train.export_hf=true"],
     }
     out["runs"] = {name: _trained_run(inputs, os.path.join(root, name), o) for name, o in runs.items()}
     out["resume"] = _resume_pair(inputs, root)
@@ -299,6 +318,30 @@ def test_moe_adapters_on_attention_and_dense_mlps_not_experts(launch):
     assert any(k.startswith("decoder.layers.0.mlp.linear_fc1_lora") or ".layers.mlp.linear_fc1_lora" in k
                for k in keys), keys   # layer 0's dense MLP
     assert any(".experts." in k for k in out["runs"]["moe_ep2"]["base_keys"])  # the experts exist, frozen
+
+
+def test_moe_peft_adapter_gives_the_merged_export_logits(launch):
+    """Qwen2-MoE: per-layer keys for the dense layer 0, stacked ones for the MoE layers, adapters on
+    the shared expert and none on routed experts (PEFT's target_modules name full paths)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out, inputs = launch
+    run = out["runs"]["moe_ep2"]
+    with open(os.path.join(run["adapter"], "adapter_config.json")) as f:
+        targets = json.load(f)["target_modules"]
+    assert "model.layers.0.mlp.gate_proj" in targets and "model.layers.1.mlp.shared_expert.up_proj" in targets
+    assert "model.layers.2.self_attn.v_proj" in targets and not [t for t in targets if ".experts." in t]
+    peft = pytest.importorskip("peft")
+    tokens = run["tokens"]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(run["export"]).eval()(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(inputs["moe"]).eval()
+        base_logits = base(tokens).logits
+        adapted = peft.PeftModel.from_pretrained(base, run["adapter"]).eval()(tokens).logits
+    assert (adapted - base_logits).abs().max().item() > 1e-3
+    assert (adapted - merged).abs().max().item() < HF_ATOL
 
 
 def test_metrics_are_logged_like_full_gspo_and_updates_are_on_policy(launch):

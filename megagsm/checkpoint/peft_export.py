@@ -22,7 +22,7 @@ from megagsm.config.train import LoraConfig
 from megagsm.models.lora import ADAPTER_SUFFIX
 from megagsm.models.mapping import split
 from megagsm.models.provider import provider_for
-from megagsm.runtime.collectives import barrier
+from megagsm.runtime.collectives import all_ranks_true
 from megagsm.runtime.sharded import gather_full_state_dict
 from megagsm.utils.atomic import atomic_dir
 from megagsm.utils.rank import is_rank0
@@ -74,14 +74,19 @@ def export_peft_adapter(model_chunks: list, hf_config: dict, lora: LoraConfig, o
 
     adapters = gather_full_state_dict(model_chunks, dst=0, keys=lambda k: ADAPTER_SUFFIX + "." in k,
                                       keep_dtype=True)
+    error = None
     if is_rank0():
-        if not adapters:
-            raise ValueError("export_peft_adapter: the model has no LoRA adapters (apply_lora first)")
-        tensors = peft_tensors(adapters, hf_config)
-        modules = sorted({name[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for name in tensors})
-        with atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
-            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-                json.dump(adapter_config(lora, hf_config, modules, base_model), f, indent=2)
-    barrier()
+        try:
+            if not adapters:
+                raise ValueError("export_peft_adapter: the model has no LoRA adapters (apply_lora first)")
+            tensors = peft_tensors(adapters, hf_config)
+            modules = sorted({name[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for name in tensors})
+            with atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
+                save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+                with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+                    json.dump(adapter_config(lora, hf_config, modules, base_model), f, indent=2)
+        except Exception as e:  # the other ranks must not wait for a writer that has stopped
+            error = e
+    if not all_ranks_true(error is None):
+        raise error if error is not None else RuntimeError(f"rank 0 failed to write the PEFT adapter {out_dir}")
     return out_dir
