@@ -424,3 +424,27 @@ def test_hf_export_and_peft_adapter_give_the_merged_logits(launch):
         peft_logits = adapted(tokens).logits
     assert (peft_logits - base_logits).abs().max().item() > 1e-3   # the adapters do something
     assert (peft_logits - hf_logits).abs().max().item() < HF_ATOL
+
+
+def test_peft_adapter_from_a_checkpoint_equals_the_trainers(launch, tmp_path):
+    """One process, from the last trainer checkpoint (adapter tensors read alone): the same files."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from megagsm.checkpoint.peft_export import export_peft_adapter
+    from megagsm.config.train import LoraConfig
+
+    out, _ = launch
+    full = out["resume"]["full"]
+    ckpt = os.path.join(os.path.dirname(full["export"]), "checkpoints", "iter_0000003")
+    lora = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.5)
+    got = export_peft_adapter(ckpt, str(tmp_path / "adapter"), lora)
+    a, b = load_file(os.path.join(got, "adapter_model.safetensors")), load_file(
+        os.path.join(full["adapter"], "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with open(os.path.join(got, "adapter_config.json")) as f1, open(os.path.join(full["adapter"],
+                                                                           "adapter_config.json")) as f2:
+        c1, c2 = json.load(f1), json.load(f2)
+    assert c1.pop("base_model_name_or_path") is None and c2.pop("base_model_name_or_path")
+    assert c1 == c2

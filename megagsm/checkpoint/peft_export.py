@@ -18,7 +18,9 @@ import os
 
 import torch
 
+from megagsm.checkpoint.dcp_io import DcpReader
 from megagsm.config.train import LoraConfig
+from megagsm.models.hf_config import load_hf_config
 from megagsm.models.lora import ADAPTER_SUFFIX
 from megagsm.models.mapping import split
 from megagsm.models.provider import provider_for
@@ -66,27 +68,46 @@ def adapter_config(lora: LoraConfig, hf_config: dict, modules: list[str], base_m
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
-def export_peft_adapter(model_chunks: list, hf_config: dict, lora: LoraConfig, out_dir: str,
+def export_peft_adapter(source, out_dir: str, lora: LoraConfig, hf_config: dict | None = None,
                         base_model: str | None = None) -> str:
-    """Collective: the chunks' adapters (before merge_lora) -> a PEFT adapter dir, written by rank 0
-    atomically. Only adapter shards travel (their main replicas), in the model's dtype. Returns out_dir."""
-    from safetensors.torch import save_file
+    """The adapters of `source` -> a PEFT adapter dir (written atomically). Returns out_dir.
 
-    adapters = gather_full_state_dict(model_chunks, dst=0, keys=lambda k: ADAPTER_SUFFIX + "." in k,
-                                      keep_dtype=True)
+    `source` is either this rank's model chunks (before merge_lora; collective: only adapter shards
+    travel, their main replicas, in the model's dtype; rank 0 writes; `hf_config` required) or a
+    megagsm checkpoint directory (one process reads the adapter tensors alone; `hf_config` defaults
+    to the checkpoint's). `lora` gives rank and alpha (a checkpoint does not record alpha)."""
+    if isinstance(source, (str, os.PathLike)):
+        config = hf_config if hf_config is not None else load_hf_config(source)
+        _write(_checkpoint_adapters(source), config, lora, out_dir, base_model)
+        return out_dir
+    if hf_config is None:
+        raise ValueError("export_peft_adapter(model_chunks, ...) needs the model's hf_config")
+    adapters = gather_full_state_dict(source, dst=0, keys=lambda k: ADAPTER_SUFFIX + "." in k, keep_dtype=True)
     error = None
     if is_rank0():
         try:
-            if not adapters:
-                raise ValueError("export_peft_adapter: the model has no LoRA adapters (apply_lora first)")
-            tensors = peft_tensors(adapters, hf_config)
-            modules = sorted({name[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for name in tensors})
-            with atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
-                save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-                with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-                    json.dump(adapter_config(lora, hf_config, modules, base_model), f, indent=2)
+            _write(adapters, hf_config, lora, out_dir, base_model)
         except Exception as e:  # the other ranks must not wait for a writer that has stopped
             error = e
     if not all_ranks_true(error is None):
         raise error if error is not None else RuntimeError(f"rank 0 failed to write the PEFT adapter {out_dir}")
     return out_dir
+
+
+def _checkpoint_adapters(ckpt_dir) -> dict[str, torch.Tensor]:
+    reader = DcpReader(ckpt_dir)
+    return {key: reader.read(key, [0] * len(md.size), list(md.size))
+            for key, md in reader.tensors().items() if ADAPTER_SUFFIX + ".weight_" in key}
+
+
+def _write(adapters: dict, hf_config: dict, lora: LoraConfig, out_dir: str, base_model: str | None) -> None:
+    from safetensors.torch import save_file
+
+    if not adapters:
+        raise ValueError("export_peft_adapter: no LoRA adapters found (apply_lora first, or a LoRA run's checkpoint)")
+    tensors = peft_tensors(adapters, hf_config)
+    modules = sorted({name[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for name in tensors})
+    with atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(adapter_config(lora, hf_config, modules, base_model), f, indent=2)

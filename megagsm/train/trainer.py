@@ -196,9 +196,8 @@ class Trainer:
             source = self.result.checkpoint
             if t.lora.enabled:  # fold the adapters into the base weights: the HF model has no adapters
                 # ... after writing them alone in PEFT's format, for the HF base model
-                self.result.hf_adapter = export_peft_adapter(self.chunks, self.hf_config, t.lora,
-                                                             os.path.join(t.output_dir, "hf_adapter"),
-                                                             base_model=self.cfg.model.hf_dir)
+                self.result.hf_adapter = export_peft_adapter(self.chunks, os.path.join(t.output_dir, "hf_adapter"),
+                                                             t.lora, self.hf_config, base_model=self.cfg.model.hf_dir)
                 merge_lora(self.chunks)
                 source = os.path.join(t.output_dir, "merged_weights")
                 save_mcore_checkpoint(self.chunks, source, hf_files_from=self.result.checkpoint, overwrite=True,
