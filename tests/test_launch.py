@@ -60,7 +60,8 @@ def test_recipes_load_and_validate_at_their_size():
     names = {os.path.basename(r) for r in recipes}
     for expected in ("sft_qwen2.5_0.5b.yaml", "sft_qwen2.5_0.5b_lora.yaml", "sft_qwen2.5_0.5b_sp2.yaml",
                      "sft_qwen2.5_0.5b_sp2_fusedce.yaml", "sft_deepseek_6.7b.yaml", "sft_gemma_2b.yaml",
-                     "sft_gemma_7b.yaml", "sft_seed_oss_36b.yaml", "sft_demo_cpu.yaml"):
+                     "sft_gemma_7b.yaml", "sft_seed_oss_36b.yaml", "sft_demo_cpu.yaml",
+                     "gspo_qwen2.5_3b_math_lora.yaml"):
         assert expected in names
     for recipe in recipes:
         cfg = load_config(recipe)

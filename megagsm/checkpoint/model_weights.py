@@ -122,4 +122,5 @@ def save_mcore_checkpoint(model_chunks, out_dir, hf_files_from, overwrite: bool 
         dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(tmp))
         if not dist.is_initialized() or dist.get_rank() == 0:
             copy_hf_side_files(side_files, tmp / HF_SUBDIR)
-            write_manifest(tmp, writer="save_mcore_checkpoint", **manifest, **content_manifest(tmp))
+            # a caller may name itself as the writer
+            write_manifest(tmp, **{"writer": "save_mcore_checkpoint", **manifest}, **content_manifest(tmp))

@@ -30,6 +30,7 @@ global number and the module path, so every TP/PP layout starts from the same ad
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import zlib
@@ -77,6 +78,7 @@ class LoraAdapter(torch.nn.Module):
         self.gather_output = getattr(base, "gather_output", False)
         self.input_is_parallel = getattr(base, "input_is_parallel", True)
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else None
+        self.enabled = True  # False: the linear computes its base output alone (adapters_disabled)
         weight = base.weight
         factory = dict(dtype=weight.dtype, device=weight.device)
         out_local, in_local = weight.shape
@@ -151,6 +153,8 @@ class LoraAdapter(torch.nn.Module):
 
 def _lora_hook(adapter: LoraAdapter):
     def hook(module, args, kwargs, output):
+        if not adapter.enabled:
+            return None  # the base linear's own output, untouched
         x = args[0] if args else kwargs["input_"]
         out, bias = output
         return out + adapter(x, kwargs.get("runtime_gather_output")), bias
@@ -255,3 +259,41 @@ def merge_lora(model_chunks: list) -> list:
                 child._hook.remove()
                 delattr(parent, name)
     return model_chunks
+
+
+def lora_adapters(model_chunks) -> list[LoraAdapter]:
+    """Every adapter of the chunks (wrapped or not), in module order."""
+    return [m for chunk in model_chunks for m in unwrap_model(chunk).modules() if isinstance(m, LoraAdapter)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model_chunks):
+    """For the duration the model is its frozen base: every adapted linear returns its base output,
+    bit for bit (the adapter branch is skipped, not multiplied by zero). Nothing is copied, so the
+    base model costs no memory; GSPO's KL reference policy is this. Collective-free."""
+    adapters = lora_adapters(model_chunks)
+    previous = [a.enabled for a in adapters]
+    for a in adapters:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for a, enabled in zip(adapters, previous):
+            a.enabled = enabled
+
+
+@contextlib.contextmanager
+def adapter_dropout_disabled(model_chunks):
+    """Adapters skip their dropout for the duration, whatever the model's train/eval mode (the rest
+    of the model keeps its mode). RL updates use it: an importance ratio compares the policy that
+    sampled with the one being trained, and dropout noise in one of them would be clipped as if it
+    were a policy change."""
+    adapters = lora_adapters(model_chunks)
+    previous = [a.training for a in adapters]
+    for a in adapters:
+        a.training = False
+    try:
+        yield
+    finally:
+        for a, training in zip(adapters, previous):
+            a.training = training

@@ -30,8 +30,9 @@ from megagsm.generation import generate_batched
 from megagsm.models.router_replay import ModelRouting
 from megagsm.models.training import sequence_length_multiple
 from megagsm.rl.batching import Advantages, Rollouts, build_minibatches, compute_advantages
-from megagsm.rl.reference import ReferencePolicy
+from megagsm.models.lora import adapter_dropout_disabled
 from megagsm.rewards import make_batch_scorer
+from megagsm.rl.reference import FrozenBaseReference, ReferencePolicy
 from megagsm.rl.rollout import PromptSchedule, check_placement, rank_share, rollout_seed, sampling_params, stop_token_ids
 from megagsm.rl.routing_replay import RoutingPass, routing_metrics
 from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs, with_values
@@ -80,7 +81,13 @@ class GSPO:
         info = trainer.info
         check_placement(g.prompts_per_step, g.mini_batches, info.dp_size)
         self.samples_per_step = g.prompts_per_step
-        self.needs_initial_policy = g.kl_coef > 0
+        self.lora = cfg.train.lora.enabled
+        # under LoRA the reference is the frozen base, which every checkpoint holds unchanged
+        self.needs_initial_policy = g.kl_coef > 0 and not self.lora
+        if self.lora and cfg.train.lora.dropout > 0:
+            log.info("train.lora.dropout=%s is not applied by GSPO: rollouts, log-prob passes and updates "
+                     "all run the adapters without dropout (the ratio compares one deterministic policy)",
+                     cfg.train.lora.dropout)
         self.schedule = PromptSchedule(len(trainer.train_examples), g.prompts_per_step, cfg.train.seed)
         self.share = rank_share(g.prompts_per_step, g.mini_batches, info.dp_size, info.dp_rank)
         self.scorer = make_batch_scorer(g, cfg.generation.max_new_tokens,
@@ -89,7 +96,7 @@ class GSPO:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.spec = LossSpec.from_config(g, cfg.generation, trainer.vocab_limit)
         self.multiple = sequence_length_multiple(cfg.parallel)
-        self.reference: ReferencePolicy | None = None
+        self.reference: ReferencePolicy | FrozenBaseReference | None = None
         self.routing: ModelRouting | None = None
         if g.routing_replay != "none":
             try:
@@ -100,8 +107,9 @@ class GSPO:
         self._prompts: dict[int, list[int]] = {}
 
     def on_initial_policy(self) -> None:
-        if self.gspo.kl_coef > 0:
-            self.reference = ReferencePolicy(self.trainer.chunks)  # the initial policy, before any resume
+        if self.gspo.kl_coef > 0:  # the initial policy, before any resume
+            chunks = self.trainer.chunks
+            self.reference = FrozenBaseReference(chunks) if self.lora else ReferencePolicy(chunks)
 
     def prompt(self, index: int) -> list[int]:
         if index not in self._prompts:
@@ -162,8 +170,9 @@ class GSPO:
                 minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, spec),
                                              "ref_log_prob")
         update_started = time.perf_counter()
-        update = update_policy(trainer.chunks, trainer.optimizer, minibatches, spec, g.ppo_epochs,
-                               routing=update_pass)
+        with adapter_dropout_disabled(trainer.chunks):  # (no-op without LoRA)
+            update = update_policy(trainer.chunks, trainer.optimizer, minibatches, spec, g.ppo_epochs,
+                                   routing=update_pass)
         finished = time.perf_counter()
         row = self._global_rollout_stats(rollouts, advantages, stats, step)
         if self.routing is not None and old is not None:

@@ -29,6 +29,7 @@ it. The rollout correction (megagsm.rl.rollout_correction) weights the policy-gr
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -198,11 +199,33 @@ class LogProbs:
     routing_counts: torch.Tensor | None = None                         # RoutingPass.sums of the pass
 
 
+@contextlib.contextmanager
+def _eval_mode(model_chunks: list):
+    """eval() for the duration, then every module's own train/eval flag back. megatron's forward-only
+    schedule leaves the model in train mode, where dropout (LoRA's included) would make log-probs a
+    random draw; with every dropout at 0 (megagsm's default) the numbers are the same either way."""
+    modules = [m for chunk in model_chunks for m in chunk.modules()]
+    was_training = [m.training for m in modules]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, was_training):
+            m.training = training
+
+
 @torch.no_grad()
 def compute_log_probs(model_chunks: list, minibatches: list[MiniBatch], spec: LossSpec,
                       with_metrics: bool = False, routing: RoutingPass | None = None) -> LogProbs:
-    """Log-probs of every response token under the current weights, microbatch by microbatch;
-    `routing` routes the pass (and keeps or counts what the routers chose)."""
+    """Log-probs of every response token under the current weights, microbatch by microbatch, with
+    the model in eval mode (deterministic: no dropout); `routing` routes the pass (and keeps or
+    counts what the routers chose)."""
+    with _eval_mode(model_chunks):
+        return _forward_only_log_probs(model_chunks, minibatches, spec, with_metrics, routing)
+
+
+def _forward_only_log_probs(model_chunks, minibatches, spec, with_metrics, routing) -> LogProbs:
     values, reports, chosen = [], [], []
     for mb in minibatches:
         if not mb.microbatches:

@@ -8,10 +8,12 @@ moves every shard through `all_gather_object`. Big models go through dist_checkp
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
 
 
 def _local_shards(model_chunks) -> list[ShardedTensor]:
@@ -36,11 +38,16 @@ def _global_slice(shard: ShardedTensor) -> tuple:
     return tuple(index)
 
 
-def gather_full_state_dict(model_chunks, dst: int | None = None) -> dict[str, torch.Tensor] | None:
-    """Every global tensor, assembled from all ranks. Returned on every rank (dst=None) or on dst only."""
+def gather_full_state_dict(model_chunks, dst: int | None = None, keys: Callable[[str], bool] | None = None,
+                           keep_dtype: bool = False) -> dict[str, torch.Tensor] | None:
+    """Every global tensor, assembled from all ranks. Returned on every rank (dst=None) or on dst only.
+    `keys`: only the tensors whose key it accepts, sent by their main replicas alone (data-parallel
+    copies stay home). fp32 unless `keep_dtype`."""
     local = [
-        (s.key, tuple(s.global_shape), _global_slice(s), s.data.detach().float().cpu().clone())
+        (s.key, tuple(s.global_shape), _global_slice(s),
+         s.data.detach().cpu().clone() if keep_dtype else s.data.detach().float().cpu().clone())
         for s in _local_shards(model_chunks)
+        if keys is None or (keys(s.key) and is_main_replica(s.replica_id))
     ]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
@@ -52,7 +59,7 @@ def gather_full_state_dict(model_chunks, dst: int | None = None) -> dict[str, to
         entries = local
     full: dict[str, torch.Tensor] = {}
     for key, shape, index, data in entries:
-        target = full.setdefault(key, torch.full(shape, float("nan")))
+        target = full.setdefault(key, torch.full(shape, float("nan"), dtype=data.dtype))
         target[index] = data.reshape(target[index].shape)
     missing = [k for k, t in full.items() if torch.isnan(t).any()]
     if missing:

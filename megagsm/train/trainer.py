@@ -11,7 +11,8 @@ data from the trainer's parts and runs one training step. Everything else is her
 3. loop: `algorithm.train_step(step)`, one LR-scheduler step per step, evaluation every
    `train.eval_interval` steps (greedy held-out accuracy + the algorithm's own metrics), a checkpoint
    every `train.save_interval`, metrics to metrics.jsonl / TensorBoard, a progress bar;
-4. finish: a final checkpoint, the HF export (`train.export_hf`, LoRA merged first), the plots.
+4. finish: a final checkpoint, the HF export (`train.export_hf`, LoRA merged first; the adapters
+   alone also in PEFT's format under <output_dir>/hf_adapter), the plots.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from megagsm.checkpoint.export import export_hf
 from megagsm.checkpoint.manager import CheckpointManager, TrainerState, read_trainer_state
 from megagsm.checkpoint.manifest import hf_side_files_writer
 from megagsm.checkpoint.model_weights import save_mcore_checkpoint
+from megagsm.checkpoint.peft_export import export_peft_adapter
 from megagsm.config import RunConfig, save_config
 from megagsm.data.from_config import load_run_examples
 from megagsm.eval import EvalSampling, evaluate_model
@@ -67,6 +69,7 @@ class TrainResult:
     history: dict[int, dict] = field(default_factory=dict)   # step -> metrics row (0: before training)
     checkpoint: str | None = None
     hf_export: str | None = None
+    hf_adapter: str | None = None   # LoRA runs: the adapters alone, in PEFT's format
     resumed_from: str | None = None
 
     def metric(self, name: str) -> dict[int, float]:
@@ -204,6 +207,9 @@ class Trainer:
         if t.export_hf and self.result.checkpoint is not None:
             source = self.result.checkpoint
             if t.lora.enabled:  # fold the adapters into the base weights: the HF model has no adapters
+                # ... after writing them alone in PEFT's format, for the HF base model
+                self.result.hf_adapter = export_peft_adapter(self.chunks, os.path.join(t.output_dir, "hf_adapter"),
+                                                             t.lora, self.hf_config, base_model=self.cfg.model.hf_dir)
                 merge_lora(self.chunks)
                 source = os.path.join(t.output_dir, "merged_weights")
                 save_mcore_checkpoint(self.chunks, source, hf_files_from=self.result.checkpoint, overwrite=True,
