@@ -133,8 +133,15 @@ def save_test_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256):
     """A small byte-level BPE (digits one per token, BOS/EOS/PAD) for tiny test models, trained on a
     fixed corpus: unlike a word-level vocabulary it round-trips any ASCII text through
     AutoTokenizer.from_pretrained, whatever model_type the config.json beside it names (transformers
-    5 rebuilds e.g. Qwen2Tokenizer from the vocabulary and merges, which a word-level model lacks)."""
-    return train_tokenizer([_TEST_CORPUS] * 4, vocab_size, out_dir)
+    5 rebuilds e.g. Qwen2Tokenizer from the vocabulary and merges, which a word-level model lacks).
+    The tokenizer files join whatever `out_dir` holds (a model's config.json and weights stay)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out) as tmp:
+        train_tokenizer([_TEST_CORPUS] * 4, vocab_size, Path(tmp) / "tok")
+        for f in (Path(tmp) / "tok").iterdir():
+            shutil.copy2(f, out / f.name)
+    return load_tokenizer(out)
 
 
 def _write_compat_files(directory: Path) -> None:
