@@ -10,7 +10,6 @@ per-microbatch denominators, a dropped temperature) moves results by more than 1
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

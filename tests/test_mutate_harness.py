@@ -1,7 +1,7 @@
 """The mutation harness itself, on a tiny fake package and a fake test: one mutant is killed, one
 survives (the test never checks the boundary), the real tree is never written, and the mutations
 splice only the node they name."""
-from pathlib import Path
+import pytest
 
 from megagsm.testing.mutate import apply_mutant, find_mutants, run, sample
 
@@ -45,14 +45,15 @@ def test_find_and_apply_touch_only_the_named_node():
     assert sample(many, 3, "seed") == sample(many, 3, "seed") and len(sample(many, 3, "seed")) == 3
 
 
-def test_a_killed_and_a_surviving_mutant(tmp_path):
+@pytest.mark.parametrize("fork", [False, True])
+def test_a_killed_and_a_surviving_mutant(tmp_path, fork):
     (tmp_path / "fakepkg").mkdir()
     (tmp_path / "fakepkg" / "__init__.py").write_text("")
     (tmp_path / "fakepkg" / "fake.py").write_text(FAKE)
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_fake.py").write_text(FAKE_TEST)
     targets = {"fakepkg/fake.py": {"tests": ["tests/test_fake.py"]}}
-    report = run(tmp_path, targets, jobs=2, progress=lambda *_: None)
+    report = run(tmp_path, targets, jobs=2, progress=lambda *_: None, fork=fork)
     status = {m.description: m.status for m in report.mutants}
     assert status["Add -> Sub"] == "killed"
     assert status["Gt -> GtE"] == "survived"      # is_positive(0) is never checked

@@ -6,7 +6,7 @@ Why a harness of our own: mutmut and cosmic-ray rewrite files in place (or throu
 run one test command for the whole tree; the tests here spawn ranks (torch.multiprocessing spawn)
 that re-import megagsm from disk, and each module has its own small set of covering tests. So each
 worker copies the tree once into a temp dir, writes one mutant of one file there, runs only the test
-files listed for that module (`TARGETS`, below: the one table to update when files move) with a
+files listed for that module (`TARGETS` in mutation_targets.py: the one table to update when files move) with a
 timeout, and restores the file. The real tree is never written.
 
 Mutations (AST-located, applied as a text splice of the node's source segment so the rest of the
@@ -24,45 +24,16 @@ import argparse
 import ast
 import concurrent.futures as cf
 import json
-import os
 import queue
 import random
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# module -> what to mutate and the fast tests that cover it. `functions` limits mutation to those
-# top-level functions / classes (None: the whole file). Paths are relative to the repository root;
-# tests are pytest file paths or node ids. This is data: update it when files move.
-TARGETS: dict[str, dict] = {
-    "megagsm/rl/losses.py": {"tests": ["tests/test_policy_loss.py"]},
-    "megagsm/rl/batching.py": {"tests": ["tests/test_rl_batching.py"], "functions": ["compute_advantages"]},
-    "megagsm/rewards/gsm8k.py": {"tests": ["tests/test_rewards.py"]},
-    "megagsm/data/packing.py": {"tests": ["tests/test_data.py"]},
-    "megagsm/data/sft_dataset.py": {"tests": ["tests/test_data.py"]},
-    "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", "tests/test_independent_truths.py"]},
-    "megagsm/models/mapping.py": {"tests": ["tests/test_convert_mapping.py"]},
-    "megagsm/models/families/dense.py": {"tests": ["tests/test_convert_mapping.py", "tests/test_bf16_truths.py"]},
-    "megagsm/models/families/gemma.py": {"tests": ["tests/test_convert_mapping.py", "tests/test_bf16_truths.py"]},
-    "megagsm/layers/norm.py": {"tests": ["tests/test_layers.py"]},
-    "megagsm/generation/sampling.py": {"tests": ["tests/test_generation.py::test_sampler_greedy_and_degenerate_filters_agree",
-                                                 "tests/test_generation.py::test_sampler_vocab_limit_excludes_padded_rows",
-                                                 "tests/test_generation.py::test_sampler_distributions",
-                                                 "tests/test_generation.py::test_processed_logprobs_are_the_sampling_distribution",
-                                                 "tests/test_generation.py::test_sampling_params_validation_names_fields",
-                                                 "tests/test_generation.py::test_sampling_params_from_generation_config"]},
-    "megagsm/sft/lora.py": {"tests": ["tests/test_independent_truths.py"]},
-    "megagsm/sft/fused_ce.py": {"tests": ["tests/test_fused_ce.py::test_matches_plain_cross_entropy_single_process",
-                                          "tests/test_fused_ce.py::test_loss_tokens_only_skips_masked_tokens_exactly",
-                                          "tests/test_fused_ce.py::test_frozen_weight_gets_no_gradient",
-                                          "tests/test_independent_truths.py"]},
-    "megagsm/models/training.py": {"tests": ["tests/test_independent_truths.py"],
-                                   "functions": ["masked_token_loss", "_global_loss", "train_step", "wrap_ddp"]},
-}
+from megagsm.testing.isolated_pytest import copy_tree, preload, run_tests
+from megagsm.testing.mutation_targets import PLANTED, TARGETS
 
 SKIP_CALLS = {"log", "logger", "logging", "warnings", "print"}
 
@@ -202,27 +173,8 @@ def sample(mutants: list[Mutant], limit: int | None, seed: str) -> list[Mutant]:
     return [mutants[i] for i in sorted(chosen)]
 
 
-def copy_tree(root: Path, dest: Path) -> Path:
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache", "*.egg-info", ".hypothesis")
-    shutil.copytree(root, dest, ignore=ignore, symlinks=True)
-    return dest
-
-
-def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]:
-    """(status, seconds) of pytest on `tests` inside `tree`: passed | failed | timeout | error."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the whole session: pytest and any ranks it spawned
-        proc.wait()
-        return "timeout", time.perf_counter() - start
-    status = {0: "passed", 1: "failed", 5: "error"}.get(rc, "failed")  # 2/3/4: collection/import errors
-    return status, time.perf_counter() - start
+def _print(*args):
+    print(*args, flush=True)
 
 
 @dataclass
@@ -263,8 +215,12 @@ class Report:
 
 
 def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jobs: int = 1,
-        timeout_factor: float = 3.0, progress=print) -> Report:
-    """Mutation-test `targets` (TARGETS' format) of the tree at `root`; the tree is only read."""
+        timeout_factor: float = 3.0, progress=None, fork: bool = False) -> Report:
+    """Mutation-test `targets` (TARGETS' format) of the tree at `root`; the tree is only read.
+    fork: preload the heavy packages here and fork a test run per mutant (see `run_tests`)."""
+    progress = progress or _print
+    if fork:
+        preload()
     start = time.perf_counter()
     report = Report()
     with tempfile.TemporaryDirectory(prefix="megagsm-mutate-") as tmp:
@@ -275,14 +231,15 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
         for module, spec in targets.items():
             source = (root / module).read_text()
             found = find_mutants(module, source, spec.get("functions"))
-            planned.append((module, spec, source, sample(found, max_mutants, module)))
+            limit = min(x for x in (max_mutants, spec.get("max_mutants"), len(found)) if x is not None)
+            planned.append((module, spec, source, sample(found, limit, module)))
             progress(f"{module}: {len(planned[-1][3])} of {len(found)} mutants")
 
         def baseline(item):
             module, spec, _, _ = item
             tree = trees.get()
             try:
-                status, seconds = run_tests(tree, spec["tests"], timeout=1800)
+                status, seconds = run_tests(tree, spec["tests"], 1800, fork)
             finally:
                 trees.put(tree)
             progress(f"baseline {module}: {status} in {seconds:.0f}s")
@@ -293,7 +250,7 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
             path = tree / mutant.module
             try:
                 path.write_text(apply_mutant(source, mutant))
-                status, mutant.seconds = run_tests(tree, tests, timeout)
+                status, mutant.seconds = run_tests(tree, tests, timeout, fork)
             finally:
                 path.write_text(source)
                 trees.put(tree)
@@ -315,6 +272,35 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
     return report
 
 
+def run_planted(root: Path, planted: list[dict], jobs: int = 1, progress=None, fork: bool = False) -> list[dict]:
+    """Each planted bug in a temp copy of the tree: [{name, module, status}], status killed|survived|..."""
+    progress = progress or _print
+    if fork:
+        preload()
+    with tempfile.TemporaryDirectory(prefix="megagsm-planted-") as tmp:
+        trees = queue.Queue()
+        for j in range(jobs):
+            trees.put(copy_tree(root, Path(tmp) / f"tree{j}"))
+
+        def one(bug):
+            source = (root / bug["module"]).read_text()
+            if source.count(bug["old"]) != 1:
+                return {**bug, "status": "error: text not found exactly once (update PLANTED)"}
+            tree = trees.get()
+            try:
+                (tree / bug["module"]).write_text(source.replace(bug["old"], bug["new"]))
+                status, seconds = run_tests(tree, bug["tests"], 600, fork)
+            finally:
+                (tree / bug["module"]).write_text(source)
+                trees.put(tree)
+            status = {"passed": "survived", "failed": "killed"}.get(status, status)
+            progress(f"{status:>8} {bug['name']} ({seconds:.0f}s)")
+            return {**bug, "status": status}
+
+        with cf.ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(one, planted))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megagsm.testing.mutate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -327,15 +313,24 @@ def main(argv=None) -> int:
                    help="per-mutant timeout: max(F x the unmutated run, that + 30 s) (default 3)")
     p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2], help="repository root")
     p.add_argument("--json", type=Path, help="also write every mutant and its status here")
+    p.add_argument("--no-fork", action="store_true", help="a fresh interpreter per test run (default: fork "
+                   "this process after importing torch/megatron/transformers once: ~5 s less per mutant)")
+    p.add_argument("--planted", action="store_true", help="instead: plant each bug of PLANTED (issue 17's "
+                   "weak spots) and check its tests catch it")
     p.add_argument("--fail-under", type=float, default=0.0, help="exit 1 if the score (%%) is below this")
     args = p.parse_args(argv)
+    if args.planted:
+        results = run_planted(args.root, PLANTED, args.jobs, fork=not args.no_fork)
+        for r in results:
+            print(f"{r['status']:>8}  {r['name']}  ({r['module']}; {', '.join(r['tests'])})")
+        return 0 if all(r["status"] in ("killed", "timeout") for r in results) else 1
     targets = TARGETS
     if args.module:
         unknown = [m for m in args.module if m not in TARGETS]
         if unknown:
             p.error(f"--module {unknown[0]}: not in TARGETS (choose from {', '.join(TARGETS)})")
         targets = {m: TARGETS[m] for m in args.module}
-    report = run(args.root, targets, args.max_mutants, args.jobs, args.timeout_factor)
+    report = run(args.root, targets, args.max_mutants, args.jobs, args.timeout_factor, fork=not args.no_fork)
     print(report.text())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
