@@ -235,15 +235,14 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
             planned.append((module, spec, source, sample(found, limit, module)))
             progress(f"{module}: {len(planned[-1][3])} of {len(found)} mutants")
 
-        def baseline(item):
-            module, spec, _, _ = item
+        def baseline(tests):
             tree = trees.get()
             try:
-                status, seconds = run_tests(tree, spec["tests"], 1800, fork)
+                status, seconds = run_tests(tree, list(tests), 1800, fork)
             finally:
                 trees.put(tree)
-            progress(f"baseline {module}: {status} in {seconds:.0f}s")
-            return module, {"status": status, "seconds": seconds}
+            progress(f"baseline {' '.join(tests)}: {status} in {seconds:.0f}s")
+            return tests, {"status": status, "seconds": seconds}
 
         def one(mutant, source, tests, timeout):
             tree = trees.get()
@@ -259,7 +258,9 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
             return mutant
 
         with cf.ThreadPoolExecutor(jobs) as pool:
-            report.baseline = dict(pool.map(baseline, planned))
+            # the unmutated tests, once per distinct test list (modules often share one)
+            by_tests = dict(pool.map(baseline, dict.fromkeys(tuple(spec["tests"]) for _, spec, _, _ in planned)))
+            report.baseline = {module: by_tests[tuple(spec["tests"])] for module, spec, _, _ in planned}
             futures = []
             for module, spec, source, mutants in planned:
                 base = report.baseline[module]
