@@ -14,15 +14,17 @@ _GEN = "tests/test_generation.py::"
 _FCE = "tests/test_fused_ce.py::"
 _TRUTHS = "tests/test_independent_truths.py"
 _HF = "tests/test_hf_truths.py"
+_BY_HAND = "tests/test_by_hand_boundaries.py"
 _CONFIG_TESTS = ["tests/test_convert_mapping.py", "tests/test_moe_config.py"]  # config and weight rules
 _SAMPLER_TRUTHS = [_TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary",
                    _TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary_with_other_dp_size"]
 TARGETS: dict[str, dict] = {
     "megagsm/rl/losses.py": {"tests": ["tests/test_policy_loss.py"]},
-    "megagsm/rl/batching.py": {"tests": ["tests/test_rl_batching.py"], "functions": ["compute_advantages"]},
+    "megagsm/rl/batching.py": {"tests": ["tests/test_rl_batching.py", _BY_HAND + "::test_default_advantages_are_std_normalised_by_hand"],
+                               "functions": ["compute_advantages"]},
     "megagsm/rewards/gsm8k.py": {"tests": ["tests/test_rewards.py"]},
     "megagsm/data/packing.py": {"tests": ["tests/test_data.py"]},
-    "megagsm/data/sft_dataset.py": {"tests": ["tests/test_data.py"]},
+    "megagsm/data/sft_dataset.py": {"tests": ["tests/test_data.py", _BY_HAND]},
     "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", *_SAMPLER_TRUTHS]},
     "megagsm/models/mapping.py": {"tests": ["tests/test_convert_mapping.py", _HF]},
     # the families that tests/test_hf_truths.py converts and runs (qwen2, gemma) against transformers
