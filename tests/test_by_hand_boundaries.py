@@ -63,3 +63,29 @@ def test_truncation_budgets_at_the_edge():
     assert truncate_prompt_response(prompt, response, 4, "right") == (prompt, [20])
     with pytest.raises(SequenceTooLongError, match="prompt alone"):
         truncate_prompt_response(prompt, response, 3, "right")
+
+
+LLAMA_MINIMAL = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 96,
+                 "vocab_size": 300, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6}
+
+
+def test_llama_config_defaults_are_transformers_defaults():
+    """A config.json that omits rope_theta / tie_word_embeddings means transformers' defaults:
+    LlamaConfig's rope_theta 10000 and untied embeddings (Gemma: tied)."""
+    from megagsm.models.families import dense
+
+    arch = dense.llama_settings(dict(LLAMA_MINIMAL)).arch
+    assert arch.rotary_base == 10000.0 and arch.share_embeddings_and_output_weights is False
+    assert dense.llama_settings(dict(LLAMA_MINIMAL), tied_default=True).arch.share_embeddings_and_output_weights
+
+
+def test_llama_biases_map_to_megatron_linear_biases():
+    from megagsm.models.families import dense
+
+    rules = {r.mcore: r.hf for r in dense.dense_weights(tied=False, linear_bias=True).rules}
+    assert rules["decoder.layers.self_attention.linear_proj.bias"] == ("model.layers.{layer}.self_attn.o_proj.bias",)
+    assert rules["decoder.layers.mlp.linear_fc1.bias"] == ("model.layers.{layer}.mlp.gate_proj.bias",
+                                                         "model.layers.{layer}.mlp.up_proj.bias")
+    assert rules["decoder.layers.mlp.linear_fc2.bias"] == ("model.layers.{layer}.mlp.down_proj.bias",)
+    assert not any(k.endswith("linear_proj.bias") for k in
+                   (r.mcore for r in dense.dense_weights(tied=False).rules))

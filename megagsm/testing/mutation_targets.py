@@ -28,7 +28,8 @@ TARGETS: dict[str, dict] = {
     "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", *_SAMPLER_TRUTHS]},
     "megagsm/models/mapping.py": {"tests": ["tests/test_convert_mapping.py", _HF]},
     # the families that tests/test_hf_truths.py converts and runs (qwen2, gemma) against transformers
-    **{f"megagsm/models/families/{name}.py": {"tests": [*_CONFIG_TESTS, _HF]} for name in ("dense", "gemma", "qwen2")},
+    **{f"megagsm/models/families/{name}.py": {"tests": [*_CONFIG_TESTS, _HF, _BY_HAND]}
+       for name in ("dense", "gemma", "qwen2")},
     **{f"megagsm/models/families/{name}.py": {"tests": _CONFIG_TESTS}
        for name in ("base", "llama", "qwen3", "seed_oss", "moe", "qwen3_moe", "qwen2_moe", "deepseek",
                     "deepseek_v2", "deepseek_v3")},
