@@ -89,3 +89,21 @@ def test_llama_biases_map_to_megatron_linear_biases():
     assert rules["decoder.layers.mlp.linear_fc2.bias"] == ("model.layers.{layer}.mlp.down_proj.bias",)
     assert not any(k.endswith("linear_proj.bias") for k in
                    (r.mcore for r in dense.dense_weights(tied=False).rules))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "gemma", "qwen3", "seed_oss"])
+def test_omitted_tie_word_embeddings_means_the_transformers_default(model_type):
+    """transformers' config class decides what a config.json without tie_word_embeddings means
+    (Qwen2/Llama/Qwen3: untied, Gemma: tied); the settings and the weight rules must both agree."""
+    from transformers import AutoConfig
+
+    from megagsm.models.registry import family_for
+    from megagsm.testing.tiny_hf import tiny_config
+
+    default = AutoConfig.for_model(model_type).tie_word_embeddings
+    hf = tiny_config(model_type).to_dict()
+    hf.pop("tie_word_embeddings", None)
+    family = family_for(model_type)
+    assert family.settings(dict(hf)).arch.share_embeddings_and_output_weights == default
+    has_head = any(r.mcore == "output_layer.weight" for r in family.weights(dict(hf)).rules)
+    assert has_head == (not default)

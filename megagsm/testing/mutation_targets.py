@@ -15,7 +15,7 @@ _FCE = "tests/test_fused_ce.py::"
 _TRUTHS = "tests/test_independent_truths.py"
 _HF = "tests/test_hf_truths.py"
 _BY_HAND = "tests/test_by_hand_boundaries.py"
-_CONFIG_TESTS = ["tests/test_convert_mapping.py", "tests/test_moe_config.py"]  # config and weight rules
+_CONFIG_TESTS = ["tests/test_convert_mapping.py", "tests/test_moe_config.py", _BY_HAND]  # config and weight rules
 _SAMPLER_TRUTHS = [_TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary",
                    _TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary_with_other_dp_size"]
 TARGETS: dict[str, dict] = {
@@ -28,7 +28,7 @@ TARGETS: dict[str, dict] = {
     "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", *_SAMPLER_TRUTHS]},
     "megagsm/models/mapping.py": {"tests": ["tests/test_convert_mapping.py", _HF]},
     # the families that tests/test_hf_truths.py converts and runs (qwen2, gemma) against transformers
-    **{f"megagsm/models/families/{name}.py": {"tests": [*_CONFIG_TESTS, _HF, _BY_HAND]}
+    **{f"megagsm/models/families/{name}.py": {"tests": [*_CONFIG_TESTS, _HF]}
        for name in ("dense", "gemma", "qwen2")},
     **{f"megagsm/models/families/{name}.py": {"tests": _CONFIG_TESTS}
        for name in ("base", "llama", "qwen3", "seed_oss", "moe", "qwen3_moe", "qwen2_moe", "deepseek",
