@@ -37,7 +37,7 @@ def _close(a, b):
 def _lora_case(spec):
     from megagsm.config.parallel import ParallelConfig
     from megagsm.config.train import LoraConfig
-    from megagsm.sft.lora import apply_lora
+    from megagsm.sft.lora import apply_lora, lora_parameters
     from megagsm.testing.parity import tiny_gpt_model
 
     chunks = tiny_gpt_model(spec, ParallelConfig())
@@ -64,6 +64,7 @@ def _lora_case(spec):
             torch.manual_seed(11)
             case["train"] = linear(x)[0]
         out[name] = case
+    out["adapter_names"] = sorted(lora_parameters(chunks))
     return out
 
 
@@ -147,6 +148,28 @@ def test_lora_linear_is_the_closed_form(results, name):
     dropped = F.dropout(x, DROPOUT, training=True)
     _close(c["train"], base + scale * (dropped @ A.T) @ B.T)
     assert (c["train"] - c["eval"]).abs().max() > 1e-3  # dropout really acted in training
+
+
+@pytest.mark.multirank
+def test_lora_parameters_are_exactly_the_adapters(results):
+    names = results["lora"]["adapter_names"]
+    want = sorted(f"decoder.layers.{i}.self_attention.{lin}_lora.weight_{ab}"
+                  for i in range(SPEC.num_layers) for lin in ("linear_qkv", "linear_proj") for ab in "ab")
+    assert names == want
+
+
+def test_lora_a_init_is_pefts_kaiming_uniform():
+    """peft initialises A with kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))."""
+    from megagsm.sft.lora import _init_a
+
+    a = _init_a(8, 400, "0.self_attention.linear_qkv", seed=0)
+    bound = 1 / 400 ** 0.5
+    assert a.shape == (8, 400) and a.abs().max() <= bound
+    assert a.min() < -0.95 * bound and a.max() > 0.95 * bound and abs(a.mean()) < 0.05 * bound
+    torch.manual_seed(0)
+    ref = torch.empty(8, 400)
+    torch.nn.init.kaiming_uniform_(ref, a=5 ** 0.5)  # torch's own formula for the same bound
+    assert ref.abs().max() <= bound and ref.abs().max() > 0.95 * bound
 
 
 @pytest.mark.multirank
