@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo clean gpu-check
+.PHONY: setup test test-slow mutate demo clean gpu-check
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ test: setup
 
 test-slow: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# mutation testing of the core modules (not part of `make test`); MUTATE_ARGS e.g. --module megagsm/rl/losses.py
+mutate: setup
+	OMP_NUM_THREADS=1 $(PY) -m megagsm.testing.mutate --max-mutants 10 --jobs 2 --json runs/mutate/report.json $(MUTATE_ARGS)
 
 demo: setup
 	$(PY) -m megagsm.demo
