@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megagsm.runtime.collectives import gather_objects
+
 
 class StageRunner:
     def __init__(self, model, config):
@@ -92,8 +94,7 @@ def _sampler_rank(group) -> int:
     """Global rank of the first tensor-parallel rank of the last pipeline stage in `group`."""
     me = (dist.get_rank(), ps.is_pipeline_last_stage(ignore_virtual=True),
           ps.get_tensor_model_parallel_rank())
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, me, group=group)
+    everyone = gather_objects(me, group)
     return min(rank for rank, last, tp_rank in everyone if last and tp_rank == 0)
 
 

@@ -13,6 +13,8 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
+from megagsm.runtime.collectives import gather_objects
+
 
 def _local_shards(model_chunks) -> list[ShardedTensor]:
     shards = []
@@ -43,8 +45,7 @@ def gather_full_state_dict(model_chunks, dst: int | None = None) -> dict[str, to
         for s in _local_shards(model_chunks)
     ]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
+        everyone = gather_objects(local)
         if dst is not None and dist.get_rank() != dst:
             return None
         entries = [e for rank_entries in everyone for e in rank_entries]

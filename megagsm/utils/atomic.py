@@ -10,7 +10,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 
@@ -37,9 +36,9 @@ def _distributed() -> bool:
 def _all_ok(ok: bool) -> bool:
     if not _distributed():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    from megagsm.runtime.collectives import all_ranks_true  # runtime imports config, which imports this
+
+    return all_ranks_true(ok)
 
 
 @contextmanager
@@ -52,12 +51,14 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
     rank = dist.get_rank() if together else 0
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (choose another path or overwrite)")
+    from megagsm.runtime.collectives import barrier, broadcast_object
+
     tmp_name = [None]
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_name[0] = tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent)
     if together:
-        dist.broadcast_object_list(tmp_name, src=0)
+        tmp_name[0] = broadcast_object(tmp_name[0], src=0)
     tmp = Path(tmp_name[0])
     ok = False
     try:
@@ -77,6 +78,6 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         if together:
-            dist.barrier()
+            barrier()
     if not everyone_ok:
         raise RuntimeError(f"another rank failed while writing {out}")
