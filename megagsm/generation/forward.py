@@ -65,6 +65,10 @@ class StageRunner:
             recv = torch.empty(s, b, self.hidden, dtype=self.pipe_dtype, device=self.device)
             dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
             self.model.set_input_tensor(recv)
+        # the attention layers pick a mask type transformer-engine honours when a mask is given
+        # (generation.rope_cache.generation_mask_type)
+        if context is not None:
+            context.key_padding = attention_mask is not None
         out = self.model(
             tokens if self.first else None,
             positions if self.first else None,
