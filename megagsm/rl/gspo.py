@@ -31,6 +31,7 @@ from megagsm.rl.rollout import (PromptSchedule, Scorer, check_placement, rank_sh
                                 stop_token_ids)
 from megagsm.rl.update import LossSpec, compute_log_probs, update_policy, with_log_probs
 from megagsm.runtime.collectives import dp_group, reduce_numbers
+from megagsm.train.memory import release_enabled, training_memory_released
 from megagsm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -76,6 +77,7 @@ class GSPO:
         self.spec = LossSpec.from_config(g, cfg.generation, trainer.vocab_limit)
         self.multiple = sequence_length_multiple(cfg.parallel)
         self.reference: ReferencePolicy | None = None
+        self.release_memory = release_enabled(cfg.generation.release_training_memory, info.device)
         self._prompts: dict[int, list[int]] = {}
 
     def on_initial_policy(self) -> None:
@@ -124,7 +126,8 @@ class GSPO:
     def train_step(self, step: int) -> dict:
         g, trainer = self.gspo, self.trainer
         started = time.perf_counter()
-        rollouts, stats = self.collect_rollouts(step)
+        with training_memory_released(trainer.chunks, trainer.optimizer, self.release_memory):
+            rollouts, stats = self.collect_rollouts(step)
         advantages = compute_advantages(rollouts, std_normalize=g.adv_std_normalize,
                                         filter_zero_std_groups=g.filter_zero_std_groups)
         minibatches = build_minibatches(rollouts, advantages, g.mini_batches, self.cfg.train.micro_batch_size,
