@@ -49,7 +49,7 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
     cache = self._megagsm_rope_cache
     if (inference_context is not cache or rotary_pos_emb is None or self.config.flash_decode
             or self.training):
-        return type(self)._adjust_key_value_for_inference(
+        return _adjust_key_value_mask_type(
             self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
             rotary_pos_sin, rotary_pos_cos_sin, sequence_len_offset,
         )

@@ -22,6 +22,8 @@ it). What this cannot check on CPU: that a hot-path site's tensor really is on t
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import sys
 import weakref
 
@@ -55,10 +57,17 @@ def _is_default(group) -> bool:
     return group is None or group is dist.group.WORLD or group == dist.GroupMember.WORLD
 
 
-def _group_of(args, kwargs):
-    if "group" in kwargs:
-        return kwargs["group"]
-    return None
+@functools.lru_cache(maxsize=None)
+def _signature(real) -> inspect.Signature:
+    return inspect.signature(real)
+
+
+def _group_of(real, args, kwargs):
+    """The `group` argument of a call to `real`, passed by name or by position (None: default)."""
+    try:
+        return _signature(real).bind_partial(*args, **kwargs).arguments.get("group")
+    except (TypeError, ValueError):
+        return kwargs.get("group")
 
 
 def _operands(args, kwargs):
@@ -90,18 +99,18 @@ class Emulation:
     def wrap(self, name, real):
         def collective(*args, **kwargs):
             frame = sys._getframe(1)
-            self.check(name, frame.f_globals.get("__name__", "?"), frame.f_code.co_qualname, args, kwargs)
+            self.check(name, frame.f_globals.get("__name__", "?"), frame.f_code.co_qualname,
+                       _group_of(real, args, kwargs), args, kwargs)
             return real(*args, **kwargs)
         collective.__wrapped__ = real
         return collective
 
-    def check(self, name, module, function, args, kwargs):
+    def check(self, name, module, function, group, args, kwargs):
         if not module.startswith(PROJECT_PACKAGES):
             return  # megatron's and torch's own collectives
         where = f"{module}.{function}: dist.{name}"
         self.checked[where] = self.checked.get(where, 0) + 1
         if module == collectives.__name__:
-            group = _group_of(args, kwargs)
             if name in TENSOR_COLLECTIVES and self.backend_name(group) == "nccl":
                 stray = [t for t in _operands(args, kwargs)
                          if id(t) not in self.moved or self.moved[id(t)]() is not t]
@@ -112,7 +121,7 @@ class Emulation:
         if (module, function) in HOT_PATH_SITES:
             return
         self.violations.append(f"{where} outside megagsm.runtime.collectives (group "
-                               f"{self.backend_name(_group_of(args, kwargs))})")
+                               f"{self.backend_name(group)})")
 
 
 @contextlib.contextmanager
