@@ -292,11 +292,11 @@ def run(args, records, prompt_ids, base, hf_config, tokenizer, vocab) -> int:
     import dataclasses
 
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megagsm.checkpoint.integrity import verify_checkpoint_collective
     from megagsm.config.parallel import ParallelConfig
+    from megagsm.runtime.collectives import gather_objects
     from megagsm.generation import generate_batched
     from megagsm.checkpoint.model_weights import load_mcore_checkpoint
     from megagsm.models.provider import build_model_from_hf_config
@@ -328,8 +328,7 @@ def run(args, records, prompt_ids, base, hf_config, tokenizer, vocab) -> int:
             "finish_reason": reason,
         }, ensure_ascii=False)))
     if info.dp_size > 1:  # collect every DP rank's lines on the first rank of each group
-        everyone = [None] * info.dp_size
-        dist.all_gather_object(everyone, lines, group=ps.get_data_parallel_group())
+        everyone = gather_objects(lines, ps.get_data_parallel_group())
         lines = [line for part in everyone for line in part]
     if info.is_main:
         write_jsonl(args.output, [line for _, _, line in sorted(lines)])

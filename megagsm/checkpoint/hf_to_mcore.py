@@ -29,6 +29,7 @@ from megagsm.models.mapping import Dims, WeightRule, pieces
 from megagsm.checkpoint.manifest import copy_hf_side_files, write_manifest
 from megagsm.models.hf_config import HF_SUBDIR
 from megagsm.models.provider import ModelProvider, load_hf_config, provider_for
+from megagsm.runtime.collectives import broadcast_object, gather_objects
 from megagsm.utils.atomic import atomic_dir
 
 
@@ -39,9 +40,7 @@ def _rank() -> int:
 def _all_gather(obj) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return gather_objects(obj)
 
 
 def model_shards(model_chunks) -> list[ShardedTensor]:
@@ -115,9 +114,7 @@ def _check_tied(provider: ModelProvider, files: SafetensorsDir) -> None:
 def _broadcast(obj):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(obj, src=0)
 
 
 def read_region(files: SafetensorsDir, rule: WeightRule, names: list[str], dims: Dims,

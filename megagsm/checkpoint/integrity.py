@@ -119,17 +119,18 @@ def verify_checkpoint(ckpt_dir, checksums: bool = True) -> None:
 def verify_checkpoint_collective(ckpt_dir, checksums: bool = True) -> None:
     """verify_checkpoint on the first rank only (one read of the files), the verdict shared: every
     rank raises the same UserError. Without a process group it is verify_checkpoint."""
-    import torch.distributed as dist
+    from megagsm.runtime.collectives import broadcast_object, group_size
+    from megagsm.utils.rank import is_rank0
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if group_size() == 1:
         verify_checkpoint(ckpt_dir, checksums)
         return
-    box = [None]
-    if dist.get_rank() == 0:
+    problem = None
+    if is_rank0():
         try:
             verify_checkpoint(ckpt_dir, checksums)
         except UserError as e:
-            box[0] = str(e)
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise UserError(box[0])
+            problem = str(e)
+    problem = broadcast_object(problem, src=0)
+    if problem is not None:
+        raise UserError(problem)

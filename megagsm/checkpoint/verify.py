@@ -11,6 +11,7 @@ from megagsm.models.errors import ModelInputError
 from megagsm.models.forward import forward_logits
 from megagsm.checkpoint.model_weights import load_mcore_checkpoint
 from megagsm.models.provider import load_hf_config, provider_for
+from megagsm.runtime.collectives import broadcast_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # default pass/fail bound on max |logit diff|: fp32 parity is ~1e-6 on small models; deep models and
@@ -70,7 +71,5 @@ def verify_logits(hf_dir, mcore_dir, parallel: ParallelConfig, batch: int = 2, s
             "layout": {"tp": parallel.tp, "pp": parallel.pp, "ep": parallel.ep},
         }
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [report]
-        dist.broadcast_object_list(box, src=0)
-        report = box[0]
+        report = broadcast_object(report, src=0)
     return report

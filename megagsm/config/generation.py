@@ -14,3 +14,6 @@ class GenerationConfig:
     seed: int = 0
     stop: list[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
     max_batch_size: int = 8            # sequences decoded together
+    # GSPO: free the grad buffers and offload the optimizer state while rollouts are generated (the KV
+    # cache gets the memory), both restored before the log-prob pass; None: true on GPU, false on CPU
+    release_training_memory: bool | None = None

@@ -20,7 +20,8 @@ class ModelConfig:
     tokenizer: str | None = None    # tokenizer dir; None: hf_dir
     family: str | None = None       # architecture family override (e.g. "qwen2"); None: config.json model_type
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # auto: transformer-engine when installed, else the project's SDPA core attention.
+    # auto: transformer-engine when installed, else the project's SDPA core attention; te: TE (an
+    # error when it is not installed); sdpa / local: the local spec with SDPA attention, even with TE.
     attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
 

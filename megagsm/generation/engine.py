@@ -20,6 +20,7 @@ from megagsm.generation.stopping import (
     StopChecker,
 )
 from megagsm.runtime import cpu_compat
+from megagsm.runtime.collectives import gather_objects
 
 PADDING_SIDES = ("left", "right")
 
@@ -276,8 +277,7 @@ class _Generation:
         elif self.runner.distributed:
             group = self.runner.mp_group
         if group is not None:
-            everyone = [None] * dist.get_world_size(group)
-            dist.all_gather_object(everyone, (dist.get_rank(), problem), group=group)
+            everyone = gather_objects((dist.get_rank(), problem), group)
             failed = [(rank, msg) for rank, msg in everyone if msg is not None]
             if failed and problem is None:
                 rank, msg = failed[0]

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megagsm.runtime.collectives import gather_objects
+
 
 class StageRunner:
     def __init__(self, model, config):
@@ -63,6 +65,10 @@ class StageRunner:
             recv = torch.empty(s, b, self.hidden, dtype=self.pipe_dtype, device=self.device)
             dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
             self.model.set_input_tensor(recv)
+        # the attention layers pick a mask type transformer-engine honours when a mask is given
+        # (generation.rope_cache.generation_mask_type)
+        if context is not None:
+            context.key_padding = attention_mask is not None
         out = self.model(
             tokens if self.first else None,
             positions if self.first else None,
@@ -92,8 +98,7 @@ def _sampler_rank(group) -> int:
     """Global rank of the first tensor-parallel rank of the last pipeline stage in `group`."""
     me = (dist.get_rank(), ps.is_pipeline_last_stage(ignore_virtual=True),
           ps.get_tensor_model_parallel_rank())
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, me, group=group)
+    everyone = gather_objects(me, group)
     return min(rank for rank, last, tp_rank in everyone if last and tp_rank == 0)
 
 

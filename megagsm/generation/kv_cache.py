@@ -74,8 +74,14 @@ def cache_shape(model, dtype: torch.dtype) -> CacheShape:
 def free_memory_bytes(device: torch.device) -> tuple[int, str]:
     """(bytes the cache may use, where that number comes from)."""
     if device.type == "cuda":
+        # after a training step the caching allocator keeps its peak reserved: hand back what it can,
+        # then count what it still holds unused (it serves the cache's allocations from there first)
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(device)
-        return free, f"free memory on {device} (torch.cuda.mem_get_info)"
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached, (f"free memory on {device}: {format_bytes(free)} free on the device "
+                               f"(torch.cuda.mem_get_info) + {format_bytes(cached)} reserved but unused by "
+                               f"torch's caching allocator, after torch.cuda.empty_cache()")
     import psutil
 
     return psutil.virtual_memory().available, "available host memory (psutil)"

@@ -9,6 +9,15 @@ frequencies, same function as the training forward: rotated values are bit-ident
 stock path computes) and writes the rotated keys into the cache. Layers without RoPE on this step,
 multi-latent attention and any other context keep megatron's method. The replacement is an instance
 attribute, removed on exit, so training never sees it.
+
+Mask types. Generation passes a key-padding mask ([b, 1, 1, keys], True = pad) whenever a row of the
+batch is padded. transformer-engine applies `attention_mask` only when the mask type includes
+"padding" or is "arbitrary" (with "causal"/"no_mask" it is ignored and shorter prompts would attend to
+their pad tokens), so with a mask the prefill runs "padding_causal" (self-attention: TE's
+[b, 1, 1, s] padding form) and a decoding step "arbitrary" (one query against every cached key; TE's
+padding form would need a (query, key) mask pair for sq != sk, its arbitrary form takes a mask
+broadcastable to [b, heads, 1, keys]). Without a mask: "causal" / "no_mask", as before. Every
+attention layer gets the mask type this way, RoPE or not (megatron's own method is wrapped).
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
     cache = self._megagsm_rope_cache
     if (inference_context is not cache or rotary_pos_emb is None or self.config.flash_decode
             or self.training):
-        return type(self)._adjust_key_value_for_inference(
+        return _adjust_key_value_mask_type(
             self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
             rotary_pos_sin, rotary_pos_cos_sin, sequence_len_offset,
         )
@@ -54,9 +63,27 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
     rows = slice(cache.batch_size_offset, cache.batch_size_offset + b)  # prefill in row chunks
     keys[start:end, rows] = key
     values[start:end, rows] = value
-    # past the prompt the single new query sees every cached position
-    mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
-    return query, keys[:end, rows], values[:end, rows], None, mask_type, None
+    return query, keys[:end, rows], values[:end, rows], None, generation_mask_type(cache, start == 0), None
+
+
+def generation_mask_type(cache, prefill: bool) -> AttnMaskType:
+    """The mask type of this step's attention (see the module doc); `cache.key_padding` says whether
+    the step passes a key-padding mask (set by generation.forward.StageRunner.forward)."""
+    padded = getattr(cache, "key_padding", False)
+    if prefill:
+        return AttnMaskType.padding_causal if padded else AttnMaskType.causal
+    # past the prompt the single new query sees every cached position that is not padding
+    return AttnMaskType.arbitrary if padded else AttnMaskType.no_mask
+
+
+def _adjust_key_value_mask_type(self, inference_context, *args, **kwargs):
+    """megatron's own method (layers without the rope-once path), with the generation mask type."""
+    out = type(self)._adjust_key_value_for_inference(self, inference_context, *args, **kwargs)
+    cache = self._megagsm_rope_cache
+    if inference_context is not cache or self.training:
+        return out
+    prefill = cache.sequence_len_offset == 0
+    return (*out[:4], generation_mask_type(cache, prefill), *out[5:])
 
 
 def _rotate(attn, cache, t, freqs, start, end):
@@ -87,15 +114,19 @@ def rope_layers(model) -> list[Attention]:
 @contextlib.contextmanager
 def rope_once(model, cache):
     layers = rope_layers(model) if getattr(model, "position_embedding_type", None) == "rope" else []
+    others = [m for m in model.modules() if isinstance(m, Attention) and m not in layers]
     for attn in layers:
         attn._megagsm_rope_cache = cache
         attn._adjust_key_value_for_inference = types.MethodType(_adjust_key_value_rope_once, attn)
+    for attn in others:
+        attn._megagsm_rope_cache = cache
+        attn._adjust_key_value_for_inference = types.MethodType(_adjust_key_value_mask_type, attn)
     cache.keys_rotated = bool(layers)
     cache.rope_memo_key, cache.rope_memo = None, None
     try:
         yield
     finally:
-        for attn in layers:
+        for attn in layers + others:
             del attn._adjust_key_value_for_inference
             del attn._megagsm_rope_cache
 

@@ -1,5 +1,11 @@
 """Layer specs: megatron's own GPT decoder block spec, with megagsm's norm and attention swapped in
-where transformer-engine is absent (TE's modules are used untouched when it is installed)."""
+where transformer-engine is not used (TE's modules are used untouched when it is).
+
+`model.attention_backend` picks the spec: auto (TE when installed, else the local spec with megagsm's
+SDPA attention), te (TE, refused when it is not installed), sdpa / local (the local spec with SDPA
+attention even when TE is installed; megatron's own local DotProductAttention is never used: with a
+causal mask type it drops the causal part of any attention_mask it is given, and generation passes a
+key-padding mask)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +17,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megagsm.config.errors import ConfigError
 from megagsm.layers.attention import SDPAttention
 from megagsm.layers.norm import Norm
 
@@ -51,6 +58,35 @@ def _swap(obj):
     return obj
 
 
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
+
+
+def use_transformer_engine(attention_backend: str = "auto") -> bool:
+    """Whether `model.attention_backend` selects transformer-engine's layers."""
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={attention_backend!r}: choose one of "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
+    if attention_backend == "te" and not HAVE_TE:
+        raise ConfigError("model.attention_backend=te: transformer-engine is not installed (install it, "
+                          "or use model.attention_backend=auto|sdpa)")
+    return HAVE_TE if attention_backend == "auto" else attention_backend == "te"
+
+
+def core_attention_classes(model_chunks) -> set[type]:
+    """The core attention classes the built model's attention layers use."""
+    from megatron.core.transformer.attention import Attention
+
+    return {type(m.core_attention) for chunk in model_chunks for m in chunk.modules()
+            if isinstance(m, Attention) and hasattr(m, "core_attention")}
+
+
+def applies_masks_of_any_type(model_chunks) -> bool:
+    """Whether every core attention applies a dense `attention_mask` whatever the mask type says
+    (megagsm's SDPA attention does; TE applies it only for padding*/arbitrary mask types)."""
+    return all(getattr(cls, "applies_mask_for_any_mask_type", False)
+               for cls in core_attention_classes(model_chunks))
+
+
 def decoder_block_spec(
     config: TransformerConfig,
     use_transformer_engine: bool | None = None,
@@ -58,7 +94,7 @@ def decoder_block_spec(
     pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
     """The decoder block spec for the layers this pipeline stage builds (dense, MoE or MLA layers,
-    as `config` says)."""
+    as `config` says). use_transformer_engine: None is model.attention_backend=auto."""
     use_te = HAVE_TE if use_transformer_engine is None else use_transformer_engine
     spec = get_gpt_decoder_block_spec(
         config,

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megagsm.models.training import run_schedule
+from megagsm.runtime.collectives import broadcast_object
 
 
 @torch.no_grad()
@@ -36,9 +37,8 @@ def forward_logits(model_chunks, tokens: torch.Tensor, vocab_size: int | None = 
     if ps.get_pipeline_model_parallel_world_size() > 1:
         group = ps.get_pipeline_model_parallel_group()
         last = ps.get_pipeline_model_parallel_last_rank()
-        size = [padded]
-        dist.broadcast_object_list(size, src=last, group=group)
+        size = broadcast_object(padded, src=last, group=group)
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
-            logits = torch.empty(batch, seq, size[0], dtype=torch.float32, device=device)
+            logits = torch.empty(batch, seq, size, dtype=torch.float32, device=device)
         dist.broadcast(logits, src=last, group=group)
     return logits[..., :vocab_size] if vocab_size is not None else logits

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families.base import Family, ModelSettings
-from megagsm.layers.spec import decoder_block_spec
+from megagsm.layers.spec import decoder_block_spec, use_transformer_engine
 from megagsm.models.gpt import GPTArchitecture, build_model_chunks
 from megagsm.models.hf_config import hf_files_dir, load_hf_config  # noqa: F401  (part of the API)
 from megagsm.models.mapping import Dims, WeightMap
@@ -126,12 +126,13 @@ class ModelProvider:
         *,
         meta: bool = False,
         vocab_divisible_by: int = VOCAB_DIVISIBLE_BY,
+        attention_backend: str = "auto",
         **overrides,
     ) -> list:
         """This rank's model chunks. The runtime (init_runtime) must be up with the same layout.
         meta=True builds parameters on the meta device (shapes and sharding only, no memory), always
         with the local layer spec: its checkpoint keys are transformer-engine's, and TE modules would
-        allocate real device memory."""
+        allocate real device memory. attention_backend: model.attention_backend (auto|te|sdpa|local)."""
         parallel = parallel or current_parallel_config()
         _check_runtime_matches(parallel)
         if meta:
@@ -140,7 +141,7 @@ class ModelProvider:
         config = self.transformer_config(parallel, dtype, **overrides)
         arch = self.architecture(parallel.tp, vocab_divisible_by)
         spec_fn = partial(self.family.layer_spec_fn or decoder_block_spec,
-                          use_transformer_engine=False if meta else None)
+                          use_transformer_engine=False if meta else use_transformer_engine(attention_backend))
         with torch.device("meta") if meta else _nullcontext():
             chunks = build_model_chunks(config, arch, spec_fn)
         if self.family.post_build is not None:

@@ -37,6 +37,7 @@ from megagsm.rl.rollout import PromptSchedule, check_placement, rank_share, roll
 from megagsm.rl.routing_replay import RoutingPass, routing_metrics
 from megagsm.rl.update import LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs, with_values
 from megagsm.runtime.collectives import dp_group, reduce_numbers
+from megagsm.train.memory import release_enabled, training_memory_released
 from megagsm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -104,6 +105,7 @@ class GSPO:
             except ValueError:
                 raise ConfigError(f"algorithm.gspo.routing_replay={g.routing_replay} needs a mixture-of-experts "
                                   "model with top-k routers (this model has none): use routing_replay=none") from None
+        self.release_memory = release_enabled(cfg.generation.release_training_memory, info.device)
         self._prompts: dict[int, list[int]] = {}
 
     def on_initial_policy(self) -> None:
@@ -149,7 +151,8 @@ class GSPO:
     def train_step(self, step: int) -> dict:
         g, trainer = self.gspo, self.trainer
         started = time.perf_counter()
-        rollouts, stats = self.collect_rollouts(step)
+        with training_memory_released(trainer.chunks, trainer.optimizer, self.release_memory):
+            rollouts, stats = self.collect_rollouts(step)
         advantages = compute_advantages(rollouts, std_normalize=g.adv_std_normalize,
                                         filter_zero_std_groups=g.filter_zero_std_groups)
         minibatches = build_minibatches(rollouts, advantages, g.mini_batches, self.cfg.train.micro_batch_size,

@@ -28,12 +28,24 @@ def _megatron_ready() -> bool:
     return initialized() and ps.model_parallel_is_initialized()
 
 
+def backend_name(group=None) -> str:
+    """The backend string of `group` ("gloo", "nccl", "cpu:gloo,cuda:nccl"); tests emulating NCCL on
+    CPU replace this one function (megagsm.testing.collective_check)."""
+    return str(dist.get_backend(group))
+
+
 def backend_device(group=None) -> torch.device:
     """Where a collective over `group` needs its tensors: the current GPU when the group's backend
     includes NCCL, else the CPU (gloo)."""
-    if initialized() and "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+    if initialized() and "nccl" in backend_name(group) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def on_backend_device(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """A copy of `tensor` (detached) on the device `group`'s backend serves: the one operand every
+    tensor collective here runs on."""
+    return tensor.detach().to(backend_device(group), copy=True)
 
 
 def group_size(group=None) -> int:
@@ -87,8 +99,7 @@ def reduce_tensor(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Te
     device; the collective itself runs where the group's backend needs it."""
     if not initialized() or group_size(group) == 1:
         return tensor.clone()
-    device = backend_device(group)
-    work = tensor.detach().to(device, copy=True)
+    work = on_backend_device(tensor, group)
     dist.all_reduce(work, op=_OPS[op], group=group)
     return work.to(tensor.device)
 
@@ -111,13 +122,15 @@ def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
 
     if pp_size() == 1:
         return tensor
-    work = tensor.to(backend_device(ps.get_pipeline_model_parallel_group()), copy=True)
-    dist.broadcast(work, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    group = ps.get_pipeline_model_parallel_group()
+    work = on_backend_device(tensor, group)
+    dist.broadcast(work, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
     return work.to(tensor.device)
 
 
 def gather_objects(obj: Any, group=None) -> list:
-    """Every rank's `obj` (picklable, written by this program), in rank order."""
+    """Every rank's `obj` (picklable, written by this program), in rank order. torch serialises
+    objects onto the device the group's backend serves by itself."""
     if not initialized() or group_size(group) == 1:
         return [obj]
     out: list = [None] * group_size(group)
@@ -134,6 +147,6 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     return box[0]
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if initialized():
-        dist.barrier()
+        dist.barrier(group=group)

@@ -3,7 +3,8 @@
 One call, `init_runtime(parallel, seed)`, works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*),
 under Slurm's srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master from SLURM_* or MASTER_ADDR), and as a
 plain single process. It picks the device (CUDA when present, else CPU with the compat layer), the
-backend (nccl on CUDA, gloo on CPU), builds megatron's TP/PP/EP/CP/DP groups and seeds every RNG,
+backend (on CUDA one default group serving both devices, "cpu:gloo,cuda:nccl"; gloo on CPU),
+builds megatron's TP/PP/EP/CP/DP groups and seeds every RNG,
 including megatron's model-parallel tracker.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megagsm.config.parallel import ParallelConfig
-from megagsm.runtime import cpu_compat, cpu_malloc
+from megagsm.runtime import collectives, cpu_compat, cpu_malloc
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,21 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+# On CUDA the default group must serve CPU tensors too (Python numbers reduced for metrics, object
+# collectives, flags in checkpoint writes): an NCCL-only group rejects them ("No backend type
+# associated with device type cpu"). megatron's own subgroups stay NCCL (runtime.collectives moves
+# operands to the device a group's backend serves).
+CUDA_DEFAULT_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def default_backend(configured: str, device_type: str) -> str:
+    """The backend string for init_process_group: `parallel.backend` ("auto" picks by device);
+    "nccl" on CUDA means NCCL for CUDA tensors plus gloo for CPU ones."""
+    if device_type == "cuda" and configured in ("auto", "nccl"):
+        return CUDA_DEFAULT_BACKEND
+    return "gloo" if configured == "auto" else configured
+
+
 def megatron_parallel_sizes(parallel: ParallelConfig) -> dict:
     """The layout in megatron's own names, which initialize_model_parallel and TransformerConfig share."""
     return dict(tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
@@ -129,9 +145,7 @@ def init_runtime(
     else:
         cpu_compat.fix_missing_transformer_engine()
         torch.cuda.set_device(device)
-    backend = parallel.backend if parallel.backend != "auto" else (
-        "nccl" if device.type == "cuda" else "gloo"
-    )
+    backend = default_backend(parallel.backend, device.type)
 
     if not dist.is_initialized():
         _master_address()
@@ -171,5 +185,5 @@ def shutdown_runtime() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
         dist.destroy_process_group()

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
 
+from megagsm.runtime.collectives import gather_objects
+
 
 def _local_shards(model_chunks) -> list[ShardedTensor]:
     shards = []
@@ -50,8 +52,7 @@ def gather_full_state_dict(model_chunks, dst: int | None = None, keys: Callable[
         if keys is None or (keys(s.key) and is_main_replica(s.replica_id))
     ]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
+        everyone = gather_objects(local)
         if dst is not None and dist.get_rank() != dst:
             return None
         entries = [e for rank_entries in everyone for e in rank_entries]

@@ -29,6 +29,20 @@ def build_dataset(examples: list[GSM8KExample], tokenizer, data: DataConfig, nam
     return samples
 
 
+def check_packing_supported(pack_sequences: bool, model_chunks) -> None:
+    """Packed rows are kept apart by a dense per-document mask under the layers' causal mask type:
+    megagsm's SDPA attention applies it, transformer-engine's ignores it (it applies attention_mask
+    only for padding*/arbitrary mask types), so under TE documents would attend to each other.
+    (Packing through THD `packed_seq_params` with cu_seqlens is what TE needs; not wired yet.)"""
+    from megagsm.config.errors import ConfigError
+    from megagsm.layers.spec import applies_masks_of_any_type
+
+    if pack_sequences and not applies_masks_of_any_type(model_chunks):
+        raise ConfigError("data.pack_sequences=true needs an attention that applies the per-document mask: "
+                          "transformer-engine's ignores it with a causal mask type (documents would attend "
+                          "to each other); use model.attention_backend=sdpa or data.pack_sequences=false")
+
+
 def to_model_batch(batch: dict) -> dict:
     """collate_sft / packed rows -> the keys lm_forward_step reads."""
     out = {"tokens": batch["input_ids"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],

@@ -17,7 +17,7 @@ import time
 from megagsm.config.train import TrainConfig
 from megagsm.models.training import eval_step, has_moe, lm_forward_step, sequence_length_multiple, train_step
 from megagsm.runtime.collectives import dp_group, reduce_numbers
-from megagsm.sft.data import MicrobatchStream, build_dataset, eval_microbatches
+from megagsm.sft.data import MicrobatchStream, build_dataset, check_packing_supported, eval_microbatches
 from megagsm.sft.fused_ce import chunked_lm_forward_step
 
 
@@ -34,6 +34,7 @@ class SFT:
     def __init__(self, trainer):
         cfg, t, d = trainer.cfg, trainer.cfg.train, trainer.cfg.data
         self.trainer = trainer
+        check_packing_supported(d.pack_sequences, trainer.chunks)
         dp_rank, dp = trainer.info.dp_rank, trainer.info.dp_size
         self.micro_batch_size = t.micro_batch_size
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)

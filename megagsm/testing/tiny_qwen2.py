@@ -67,6 +67,7 @@ def convert(hf_model, tokenizer, work_dir, parallel: ParallelConfig | None = Non
     import torch.distributed as dist
 
     from megagsm.checkpoint.hf_to_mcore import convert_hf_to_mcore
+    from megagsm.runtime.collectives import barrier
 
     work_dir = Path(work_dir)
     hf_dir, mcore_dir = work_dir / f"{name}-hf", work_dir / f"{name}-mcore"
@@ -75,7 +76,7 @@ def convert(hf_model, tokenizer, work_dir, parallel: ParallelConfig | None = Non
         if tokenizer is not None:
             tokenizer.save_pretrained(str(hf_dir))
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
     convert_hf_to_mcore(hf_dir, mcore_dir, parallel or ParallelConfig(), progress=False)
     return mcore_dir
 

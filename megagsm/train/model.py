@@ -93,7 +93,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, device: torch.devi
             overrides.update(model.moe.overrides())
         except ValueError as e:  # MoEConfig names its fields (model.moe.*)
             raise ConfigError(str(e)) from None
-    chunks = provider.build_model_from_hf_config(hf_config, parallel, dtype, **overrides)
+    chunks = provider.build_model_from_hf_config(hf_config, parallel, dtype,
+                                                 attention_backend=model.attention_backend, **overrides)
     if model.init == "hf":
         load_mcore_checkpoint(chunks, _converted_hf_weights(model.hf_dir, parallel, work_dir))
     return BuiltModel(chunks, hf_config, dtype)

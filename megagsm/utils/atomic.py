@@ -16,7 +16,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from megagsm.errors import UserError
@@ -97,9 +96,9 @@ def _distributed() -> bool:
 def _all_ok(ok: bool) -> bool:
     if not _distributed():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    from megagsm.runtime.collectives import all_ranks_true  # runtime imports config, which imports this
+
+    return all_ranks_true(ok)
 
 
 @contextmanager
@@ -112,6 +111,8 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
     rank = dist.get_rank() if together else 0
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists (choose another path or overwrite)")
+    from megagsm.runtime.collectives import barrier, broadcast_object
+
     tmp_name = [None]
     if rank == 0:
         try:
@@ -119,7 +120,7 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
         except OutputPathError as e:
             tmp_name[0] = e
     if together:
-        dist.broadcast_object_list(tmp_name, src=0)
+        tmp_name[0] = broadcast_object(tmp_name[0], src=0)
     if isinstance(tmp_name[0], OutputPathError):
         raise OutputPathError(str(tmp_name[0]))
     tmp = Path(tmp_name[0])
@@ -141,7 +142,7 @@ def atomic_dir(out, overwrite: bool = False, collective: bool = True):
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         if together:
-            dist.barrier()
+            barrier()
     if not everyone_ok:
         from megagsm.errors import PeerFailedError
 

@@ -1,0 +1,168 @@
+"""Attention masks transformer-engine honours, checked on CPU with a stand-in that treats masks as TE
+documents (megagsm.testing.te_like_attention: `attention_mask` ignored unless the mask type includes
+padding or is arbitrary), and `model.attention_backend`.
+
+- Generation left-pads (or right-pads) prompts of different lengths and passes a key-padding mask:
+  with the TE-like attention swapped into the layer spec, greedy completions must still equal
+  transformers' own greedy generate of each prompt alone (no padding at all). The same launch runs
+  the mask types generation passed before (causal prefill, no_mask decode): the TE-like model then
+  attends to pad tokens and parity breaks, which is what this test exists to catch.
+- SFT packing keeps documents apart with a dense mask under the layers' causal type: megagsm's SDPA
+  attention gives each packed document the per-token losses it has alone (the truth: each document
+  run by itself); the TE-like attention does not, and packing is refused there with a clear error.
+"""
+import pytest
+import torch
+
+from megagsm.testing.multirank import run_ranks
+
+LP_ATOL = 2e-5     # as tests/test_generation.py
+LOSS_ATOL = 1e-5   # fp32, per-token losses of magnitude ~5 from differently shaped attention
+
+
+def _documents():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, 256, (n,), generator=g) for n in (6, 9, 5)]
+
+
+def _per_document_losses(model, packed: bool) -> list[torch.Tensor]:
+    """Per-token losses of each document: packed into one row, or each run alone (the truth)."""
+    from megagsm.data.packing import collate_packed, pack_samples
+    from megagsm.sft.data import to_model_batch
+
+    samples = [{"input_ids": d[:-1], "labels": d[1:], "loss_mask": torch.ones(len(d) - 1)} for d in _documents()]
+    with torch.no_grad():
+        if not packed:
+            return [model(s["input_ids"][None], torch.arange(len(s["input_ids"]))[None], None,
+                          labels=s["labels"][None])[0] for s in samples]
+        rows = pack_samples(samples, seq_length=24, pad_id=0)
+        assert len(rows) == 1
+        b = to_model_batch(collate_packed(rows))
+        loss = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])[0]
+    out, start = [], 0
+    for s in samples:
+        n = len(s["input_ids"])
+        out.append(loss[start:start + n])
+        start += n
+    return out
+
+
+def _launch(work_dir):
+    from functools import partial
+
+    from megagsm.config.errors import ConfigError
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.generation import SamplingParams
+    from megagsm.generation import generate as engine_generate
+    from megagsm.generation import rope_cache
+    from megagsm.layers import spec
+    from megagsm.layers.attention import SDPAttention
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config
+    from megagsm.runtime import init_runtime
+    from megagsm.sft.data import check_packing_supported
+    from megagsm.testing import generation_cases as cases
+    from megagsm.testing.te_like_attention import TELikeAttention, te_like_spec
+    from megagsm.testing.tiny_qwen2 import char_tokenizer, convert, load_converted
+
+    init_runtime(ParallelConfig())
+    out = {}
+    hf = cases.dense_hf()
+    prompts = cases.prompts()
+    out["hf"] = cases.hf_greedy(hf, prompts)
+    mcore = convert(hf, char_tokenizer(256), work_dir, name="dense")
+    greedy = SamplingParams(max_new_tokens=cases.MAX_NEW, greedy=True)
+
+    with te_like_spec():
+        model, vocab = load_converted(mcore, ParallelConfig())
+    out["te_like_classes"] = sorted(c.__name__ for c in spec.core_attention_classes([model]))
+    generate = partial(engine_generate, vocab_limit=vocab)
+    for side in ("left", "right"):
+        r = generate(model, prompts, greedy, padding_side=side)
+        out[f"te_like_{side}"] = r.completions()
+        out[f"te_like_{side}_lp_err"] = cases.forward_logprobs(model, prompts, r, vocab)
+        out[f"te_like_{side}_chunked"] = generate(model, prompts, greedy, padding_side=side,
+                                                  max_prefill_tokens=2 * 13).completions()
+    fixed = rope_cache.generation_mask_type
+    rope_cache.generation_mask_type = lambda cache, prefill: (
+        rope_cache.AttnMaskType.causal if prefill else rope_cache.AttnMaskType.no_mask)
+    try:  # the mask types generation passed before
+        out["te_like_old_mask_types"] = generate(model, prompts, greedy).completions()
+    finally:
+        rope_cache.generation_mask_type = fixed
+
+    # packing: the TE-like model vs megagsm's SDPA attention, against each document alone
+    sdpa_model, _ = load_converted(mcore, ParallelConfig())
+    for name, m in (("sdpa", sdpa_model), ("te_like", model)):
+        alone, packed = _per_document_losses(m, False), _per_document_losses(m, True)
+        out[f"{name}_packed_err"] = max((a - p).abs().max().item() for a, p in zip(alone, packed))
+        try:
+            check_packing_supported(True, [m])
+            out[f"{name}_packing_refused"] = None
+        except ConfigError as e:
+            out[f"{name}_packing_refused"] = str(e)
+    check_packing_supported(False, [model])  # unpacked batches need no dense mask
+
+    # model.attention_backend where the spec is built: sdpa even when TE is installed
+    hf_config = load_hf_config(mcore)
+    saved = spec.HAVE_TE
+    spec.HAVE_TE = True
+    try:
+        out["sdpa_with_te_installed"] = sorted(
+            c.__name__ for c in spec.core_attention_classes(
+                build_model_from_hf_config(hf_config, ParallelConfig(), attention_backend="sdpa")))
+        out["auto_with_te_installed_uses_te"] = spec.use_transformer_engine("auto")
+    finally:
+        spec.HAVE_TE = saved
+    out["names"] = (SDPAttention.__name__, TELikeAttention.__name__)
+    return out
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    [out] = run_ranks(_launch, 1, str(tmp_path_factory.mktemp("te_masks")))
+    return out
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_greedy_parity_with_te_mask_rules(launch, side):
+    assert launch["te_like_classes"] == ["TELikeAttention"]
+    assert launch[f"te_like_{side}"] == launch["hf"]
+    assert launch[f"te_like_{side}_chunked"] == launch["hf"]
+    assert launch[f"te_like_{side}_lp_err"] < LP_ATOL
+
+
+@pytest.mark.multirank
+def test_the_old_mask_types_break_parity_under_te_rules(launch):
+    assert launch["te_like_old_mask_types"] != launch["hf"]
+
+
+@pytest.mark.multirank
+def test_packed_losses_equal_unpacked_or_packing_is_refused(launch):
+    assert launch["sdpa_packed_err"] < LOSS_ATOL
+    assert launch["sdpa_packing_refused"] is None
+    # under TE's rules the dense document mask is ignored: documents see each other...
+    assert launch["te_like_packed_err"] > 1e-3
+    # ...so packing is refused, naming the fields
+    refusal = launch["te_like_packing_refused"]
+    assert refusal is not None and "data.pack_sequences" in refusal and "model.attention_backend=sdpa" in refusal
+
+
+@pytest.mark.multirank
+def test_attention_backend_sdpa_even_with_te_installed(launch):
+    assert launch["sdpa_with_te_installed"] == ["SDPAttention"]
+    assert launch["auto_with_te_installed_uses_te"] is True
+
+
+def test_attention_backend_te_without_te_is_a_user_error(monkeypatch):
+    from megagsm.errors import UserError
+    from megagsm.layers import spec
+
+    monkeypatch.setattr(spec, "HAVE_TE", False)
+    with pytest.raises(UserError, match=r"model.attention_backend=te: transformer-engine is not installed"):
+        spec.use_transformer_engine("te")
+    with pytest.raises(UserError, match=r"model.attention_backend='flash'"):
+        spec.use_transformer_engine("flash")
+    assert spec.use_transformer_engine("auto") is False
+    assert spec.use_transformer_engine("sdpa") is False
+    assert spec.use_transformer_engine("local") is False
