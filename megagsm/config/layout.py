@@ -53,6 +53,40 @@ def parallel_problems(parallel: ParallelConfig, world_size: int | None) -> list[
     return problems
 
 
+# the rule names below as config fields
+_CONFIG_NAMES = {"tp": "parallel.tp", "pp": "parallel.pp", "vpp": "parallel.vpp", "ep": "parallel.ep",
+                 "num_layers": "model.num_layers", "num_attention_heads": "model.num_attention_heads",
+                 "num_query_groups": "model.num_query_groups", "ffn_hidden_size": "model.ffn_hidden_size",
+                 "num_experts": "model.num_experts"}
+
+
+def divisibility_rules(parallel: ParallelConfig, num_layers: int | None, num_attention_heads: int | None,
+                       num_query_groups: int | None, ffn_hidden_size: int | None,
+                       num_experts: int | None) -> list[tuple[str, int, str, int]]:
+    """megatron's layout rules as (divisor name, divisor, model size name, model size): the divisor must
+    divide the size. The one rule set behind the config check (validate) and the model providers (which
+    check the sizes they read from config.json); sizes that are None are not checked."""
+    p, rules = parallel, []
+    groups = num_query_groups if num_query_groups is not None else num_attention_heads
+    if num_attention_heads is not None:
+        rules.append(("tp", p.tp, "num_attention_heads", num_attention_heads))
+    if groups is not None:
+        # megatron-core would also accept tp a multiple of the groups (KV heads replicated across
+        # TP ranks); the project's converters shard whole KV groups, so we require tp to divide.
+        rules.append(("tp", p.tp, "num_query_groups", groups))
+        if num_attention_heads is not None:
+            rules.append(("num_query_groups", groups, "num_attention_heads", num_attention_heads))
+    if ffn_hidden_size is not None:
+        rules.append(("tp", p.tp, "ffn_hidden_size", ffn_hidden_size))
+    if num_layers is not None:
+        rules.append(("pp", p.pp, "num_layers", num_layers))
+        if p.vpp is not None and num_layers % p.pp == 0:
+            rules.append(("vpp", p.vpp, "layers per pipeline stage (model.num_layers/pp)", num_layers // p.pp))
+    if num_experts is not None:
+        rules.append(("ep", p.ep, "num_experts", num_experts))
+    return rules
+
+
 def model_problems(parallel: ParallelConfig, num_layers: int | None, num_attention_heads: int | None,
                    num_query_groups: int | None, num_experts: int | None,
                    ffn_hidden_size: int | None = None) -> list[str]:
@@ -65,24 +99,10 @@ def model_problems(parallel: ParallelConfig, num_layers: int | None, num_attenti
     if problems:
         return problems
     p = parallel
-    if num_query_groups is None:
-        num_query_groups = num_attention_heads
-    if num_attention_heads is not None:
-        _must_divide(problems, "parallel.tp", p.tp, "model.num_attention_heads", num_attention_heads)
-    if num_query_groups is not None:
-        # megatron-core would also accept tp a multiple of the groups (KV heads replicated across
-        # TP ranks); the project's converters shard whole KV groups, so we require tp to divide.
-        _must_divide(problems, "parallel.tp", p.tp, "model.num_query_groups", num_query_groups)
-        if num_attention_heads is not None:
-            _must_divide(problems, "model.num_query_groups", num_query_groups,
-                         "model.num_attention_heads", num_attention_heads)
-    if ffn_hidden_size is not None:
-        _must_divide(problems, "parallel.tp", p.tp, "model.ffn_hidden_size", ffn_hidden_size)
-    if num_layers is not None:
-        _must_divide(problems, "parallel.pp", p.pp, "model.num_layers", num_layers)
-        if p.vpp is not None and num_layers % p.pp == 0:
-            _must_divide(problems, "parallel.vpp", p.vpp, "layers per pipeline stage (model.num_layers/pp)",
-                         num_layers // p.pp)
+    for layout_name, size, model_name, total in divisibility_rules(p, num_layers, num_attention_heads,
+                                                                   num_query_groups, ffn_hidden_size, None):
+        _must_divide(problems, _CONFIG_NAMES.get(layout_name, layout_name), size,
+                     _CONFIG_NAMES.get(model_name, model_name), total)
     if num_experts is None:
         if p.ep > 1:
             problems.append(f"parallel.ep={p.ep} needs a MoE model but model.num_experts is unset "

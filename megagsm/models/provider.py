@@ -20,6 +20,7 @@ import megagsm.runtime  # noqa: F401  (first: it silences megatron's import-time
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megagsm.config.layout import divisibility_rules
 from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families.base import Family, ModelSettings
@@ -81,14 +82,11 @@ class ModelProvider:
     def check_layout(self, parallel: ParallelConfig) -> None:
         """Raises ModelInputError naming the config field a TP/PP/EP layout cannot split."""
         c = self.settings.config
-        for name, size, what in (("num_attention_heads", parallel.tp, "tp"),
-                                 ("num_query_groups", parallel.tp, "tp"),
-                                 ("ffn_hidden_size", parallel.tp, "tp"),
-                                 ("num_layers", parallel.pp * (parallel.vpp or 1), "pp*vpp")):
-            if c[name] % size:
-                raise ModelInputError(
-                    f"layout: {_HF_FIELD[name]}={c[name]} is not divisible by {what}={size}"
-                )
+        for what, size, name, total in divisibility_rules(parallel, c["num_layers"], c["num_attention_heads"],
+                                                          c["num_query_groups"], c["ffn_hidden_size"], None):
+            if total % size:
+                raise ModelInputError(f"layout: {_HF_FIELD.get(name, name)}={total} is not divisible by "
+                                      f"{_HF_FIELD.get(what, what)}={size}")
         if parallel.ep != 1 and not self.family.is_moe:
             raise ModelInputError(f"layout: ep={parallel.ep} but model_type {self.model_type!r} has no experts")
         if self.family.check_layout is not None:
