@@ -284,12 +284,11 @@ def _hf_weights(base: str, out_dir) -> str:
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    from megagsm.demo import DemoSpec, prepare_inputs
+    from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
     from megagsm.testing.tiny_moe import make_tiny_moe_model
 
     root = tmp_path_factory.mktemp("gspo_lora")
-    tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    tiny = DemoSpec(n_train=64, n_test=8, model=TINY_MODEL)
     inputs = prepare_inputs(root / "inputs", tiny)
     inputs["hf_init"] = _hf_weights(inputs["base"], root / "hf_init")
     # Qwen2-MoE: dense layer 0, 8 experts top-2 with a gated shared expert in layers 1-2

@@ -52,7 +52,8 @@ def _megatron(cases, tokens, bad_tied_dir, bad_tied_out):
     from megagsm.config.parallel import ParallelConfig
     from megagsm.errors import UserError
     from megagsm.models.forward import forward_logits
-    from megagsm.models.provider import build_model_from_hf_config, load_hf_config, load_mcore_checkpoint
+    from megagsm.checkpoint.model_weights import load_mcore_checkpoint
+    from megagsm.models.provider import build_model_from_hf_config, load_hf_config
     from megagsm.runtime import init_runtime
 
     parallel = ParallelConfig()

@@ -209,10 +209,10 @@ def test_layer_activations_reduce_to_korthikanti_table_2(tp, sp):
 
 
 def test_kv_cache_bytes_by_hand():
-    """Qwen2.5-3B GSPO recipe: 36 layers x 256 rows x (512 + 1024) positions x 2 KV heads x 128 x K,V x 2 B."""
+    """Qwen2.5-3B GSPO recipe: 36 layers x 64 rows x (2048 + 8192) positions x 2 KV heads x 128 x K,V x 2 B."""
     from megagsm.plan import plan_memory, resolve_world_size
 
     recipe = ROOT / "launch/recipes/gspo_qwen2.5_3b_math.yaml"
     cfg = load_config(str(recipe))
     plan = plan_memory(cfg, resolve_world_size(cfg, str(recipe), None))
-    assert plan.worst.kv_cache == 36 * 256 * 1536 * 2 * 128 * 2 * 2
+    assert plan.worst.kv_cache == 36 * 64 * 10240 * 2 * 128 * 2 * 2

@@ -83,11 +83,10 @@ def _launch(inputs, root):
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    from megagsm.demo import DemoSpec, prepare_inputs
+    from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
 
     root = tmp_path_factory.mktemp("release")
-    tiny = DemoSpec(n_train=64, n_test=8, hidden_size=32, num_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    tiny = DemoSpec(n_train=64, n_test=8, model=TINY_MODEL)
     inputs = prepare_inputs(root / "inputs", tiny)
     return run_ranks(_launch, 2, inputs, str(root), timeout=900)
 

@@ -364,7 +364,7 @@ def test_sampler_log_probs_are_the_tempered_ones_the_trainer_scores():
     from megagsm.rl.rollout import sampling_params
 
     params = sampling_params(GenerationConfig(temperature=0.7, top_k=0, top_p=1.0), 1, [], seed=0)
-    assert params.logprobs == "processed"
+    assert params.logprobs == "tempered"
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
     tokens, logprobs = Sampler(params, torch.device("cpu"), None)(logits)
     expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, tokens.view(-1, 1)).view(-1)
