@@ -90,7 +90,7 @@ def _plant_everywhere() -> dict:
 
     targets = [(SFT, "train_step", "megagsm.sft.step"), (GSPO, "collect_rollouts", "megagsm.rl.gspo"),
                (hf_to_mcore, "convert_hf_to_mcore", "megagsm.checkpoint.hf_to_mcore"),
-               (trainer, "greedy_accuracy", "megagsm.train.evaluation"),
+               (trainer, "evaluate_model", "megagsm.eval.core"),
                (engine._Generation, "run", "megagsm.generation.engine")]
     saved = {}
     for owner, name, module_name in targets:
@@ -157,7 +157,7 @@ def test_a_planted_cpu_collective_is_reported_in_every_path(launch):
     for rank in launch:
         planted = rank["planted"]
         for module in ("megagsm.sft.step", "megagsm.rl.gspo", "megagsm.checkpoint.hf_to_mcore",
-                       "megagsm.train.evaluation", "megagsm.generation.engine"):
+                       "megagsm.eval.core", "megagsm.generation.engine"):
             assert any(v.startswith(f"{module}.planted: dist.all_reduce outside") for v in planted), module
         assert any(v.startswith("megagsm.runtime.collectives.forgot: dist.all_reduce on an NCCL group")
                    for v in planted)
