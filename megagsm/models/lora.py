@@ -267,33 +267,28 @@ def lora_adapters(model_chunks) -> list[LoraAdapter]:
 
 
 @contextlib.contextmanager
+def _adapters_set(model_chunks, attribute: str, value):
+    adapters = lora_adapters(model_chunks)
+    previous = [getattr(a, attribute) for a in adapters]
+    for a in adapters:
+        setattr(a, attribute, value)
+    try:
+        yield
+    finally:
+        for a, old in zip(adapters, previous):
+            setattr(a, attribute, old)
+
+
 def adapters_disabled(model_chunks):
     """For the duration the model is its frozen base: every adapted linear returns its base output,
     bit for bit (the adapter branch is skipped, not multiplied by zero). Nothing is copied, so the
     base model costs no memory; GSPO's KL reference policy is this. Collective-free."""
-    adapters = lora_adapters(model_chunks)
-    previous = [a.enabled for a in adapters]
-    for a in adapters:
-        a.enabled = False
-    try:
-        yield
-    finally:
-        for a, enabled in zip(adapters, previous):
-            a.enabled = enabled
+    return _adapters_set(model_chunks, "enabled", False)
 
 
-@contextlib.contextmanager
 def adapter_dropout_disabled(model_chunks):
     """Adapters skip their dropout for the duration, whatever the model's train/eval mode (the rest
     of the model keeps its mode). RL updates use it: an importance ratio compares the policy that
     sampled with the one being trained, and dropout noise in one of them would be clipped as if it
     were a policy change."""
-    adapters = lora_adapters(model_chunks)
-    previous = [a.training for a in adapters]
-    for a in adapters:
-        a.training = False
-    try:
-        yield
-    finally:
-        for a, training in zip(adapters, previous):
-            a.training = training
+    return _adapters_set(model_chunks, "training", False)

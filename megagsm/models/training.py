@@ -145,15 +145,9 @@ def run_schedule(model_chunks, microbatches: Iterable, num_microbatches: int, se
     microbatches = list(microbatches)
     iterators = [iter(microbatches) for _ in model_chunks]
     return get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-        collect_non_loss_data=collect_non_loss_data,
-    )
+        forward_step_func=forward_step_func, data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks, num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=forward_only, collect_non_loss_data=collect_non_loss_data)
 
 
 def has_moe(model_chunks: list) -> bool:

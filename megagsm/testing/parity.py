@@ -79,12 +79,9 @@ def tiny_gpt_model(spec: TinyGPTSpec, parallel: ParallelConfig):
             moe_aux_loss_coeff=spec.moe_aux_loss_coeff,
             moe_grouped_gemm=False,
         )
+    sizes = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
     config = TransformerConfig(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        ffn_hidden_size=spec.ffn_hidden_size,
+        **{name: getattr(spec, name) for name in sizes},  # TinyGPTSpec uses TransformerConfig's names
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
