@@ -44,6 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--two-pass", action="store_true",
+                    help="run the old-log-prob pass even when exactly on-policy (mini-batches 1, one epoch): "
+                         "the baseline of the on-policy skip")
     return ap.parse_args(argv)
 
 
@@ -79,6 +82,12 @@ def main(argv=None):
             f"algorithm.gspo.n_rollouts={args.n}", f"algorithm.gspo.prompts_per_step={args.prompts}",
             f"algorithm.gspo.mini_batches={args.mini_batches}", "algorithm.gspo.filter_zero_std_groups=false",
         ])
+        if args.two_pass:
+            import dataclasses
+
+            import megagsm.rl.gspo as gspo_module
+
+            gspo_module.replace = lambda spec, **kw: dataclasses.replace(spec, **{**kw, "on_policy": False})
         run = Trainer(cfg, GSPO)
         run.restore()
         params_m = sum(p.numel() for c in run.chunks for p in c.parameters()) / 1e6
@@ -93,7 +102,7 @@ def main(argv=None):
         "model": f"qwen2-shaped {params_m:.1f}M params (h{hidden} L{layers} heads{heads}/kv{kv} ffn{ffn} vocab{vocab})",
         "dtype": str(run.dtype).replace("torch.", ""),
         "device": "cpu" if run.info.device.type == "cpu" else torch.cuda.get_device_name(),
-        "prompts": args.prompts, "n": args.n, "rollouts": args.prompts * args.n, "new_tokens": args.new_tokens,
+        "two_pass": args.two_pass, "prompts": args.prompts, "n": args.n, "rollouts": args.prompts * args.n, "new_tokens": args.new_tokens,
         "mini_batches": args.mini_batches, "micro_batch_size": args.micro_batch_size,
         **{k: round(best[k], 3) for k in keys},
         "generate_share": round(best["time_generate"] / best["step_time"], 3),
