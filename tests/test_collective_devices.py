@@ -42,20 +42,14 @@ def _planted(module_name: str, real):
 
 
 def _config(inputs, out_dir, algorithm, overrides):
-    from megagsm.config import load_config, validate
+    from megagsm.testing.tiny_runs import tiny_run_config
 
-    cfg = load_config(None, [
-        f"algorithm.name={algorithm}", "model.init=random", f"model.hf_dir={inputs['base']}",
-        "data.source=jsonl", f"data.train_path={inputs['train']}", f"data.eval_path={inputs['test']}",
-        "data.prompt_template=bare", "data.seq_length=64", "data.max_prompt_len=40", "data.max_response_len=8",
+    return tiny_run_config(inputs, out_dir, [
         "optim.lr=1e-3", "train.global_batch_size=4", "train.micro_batch_size=2", "train.train_steps=1",
         "train.eval_at_start=true", "train.eval_accuracy=true", "train.eval_max_examples=4",
-        "train.export_hf=false", "train.save_interval=0", f"train.output_dir={out_dir}", "train.seed=3",
-        "generation.max_new_tokens=4", "generation.max_batch_size=8",
+        "train.save_interval=0", "generation.max_new_tokens=4", "generation.max_batch_size=8",
         "algorithm.gspo.n_rollouts=2", "algorithm.gspo.prompts_per_step=2", "algorithm.gspo.mini_batches=1",
-        *overrides])
-    validate(cfg, 2)
-    return cfg
+        *overrides], algorithm=algorithm)
 
 
 def _every_path(inputs, root: str) -> None:

@@ -25,19 +25,12 @@ def has_digit(solution_str, ground_truth, **kwargs):
 
 
 def _config(inputs, out_dir, overrides):
-    from megagsm.config import load_config, validate
+    from megagsm.testing.tiny_runs import tiny_run_config
 
-    cfg = load_config(None, [
-        "algorithm.name=gspo", "model.init=random", f"model.hf_dir={inputs['base']}",
-        "data.source=jsonl", f"data.train_path={inputs['train']}", f"data.eval_path={inputs['test']}",
-        "data.prompt_template=bare", "data.seq_length=64", "data.max_prompt_len=40", "data.max_response_len=8",
+    cfg = tiny_run_config(inputs, out_dir, [
         "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.clip_grad=1.0", "optim.adam_eps=1e-6",
-        "train.micro_batch_size=4", "train.train_steps=2", "train.eval_at_start=false",
-        "train.eval_accuracy=false", "train.export_hf=false", f"train.output_dir={out_dir}", "train.seed=3",
-        "generation.max_new_tokens=8", "generation.max_batch_size=32",
-        "algorithm.gspo.n_rollouts=4", "algorithm.gspo.prompts_per_step=4", "algorithm.gspo.mini_batches=2",
+        "train.micro_batch_size=4", "train.train_steps=2", "algorithm.gspo.mini_batches=2",
         f"algorithm.gspo.reward={TOY_REWARD}", *overrides])
-    validate(cfg, 2)
     return cfg
 
 

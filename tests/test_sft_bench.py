@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +61,7 @@ def test_bench_sft_smoke():
             assert abs(loss - torch.log(torch.tensor(8192.0)).item()) < 1.0
 
 
+@pytest.mark.slow  # a benchmark end to end: `make test-slow` (and `make gpu-check` on a GPU)
 def test_bench_sft_megagsm_only_bf16_smoke():
     """The GPU MFU mode's code path (bf16 model with fp32 main params, no transformers loop), on CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
