@@ -7,11 +7,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from megagsm.data.gsm8k import GSM8KExample
 from megagsm.eval import EvalSampling, answer_key, evaluate_model
-from megagsm.rewards import make_batch_scorer
+from megagsm.rewards import scorer_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,9 +39,7 @@ def _evaluate(monkeypatch, examples, responses, n, reward="auto"):
     import megagsm.eval.core as core
 
     monkeypatch.setattr(core, "generate_batched", _fake_generation(responses))
-    scorer = make_batch_scorer(SimpleNamespace(reward=reward, reward_method="strict",
-                                               overlong_buffer=SimpleNamespace(enable=False)),
-                               16, [e.data_source for e in examples])
+    scorer = scorer_for(reward, "strict", [e.data_source for e in examples])
     return evaluate_model([None], examples, _Tokenizer(), scorer, EvalSampling(n=n, temperature=0.7),
                           template="bare", max_prompt_len=64, keep_samples=True)
 
@@ -83,21 +80,14 @@ def test_answer_key_reads_each_answer_style():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import shutil
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from megagsm.data.prepare import main as prepare
     from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
+    from megagsm.testing.tiny_runs import hf_model_dir
 
     root = tmp_path_factory.mktemp("eval")
     inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=8, n_test=3,
                                                       model=dict(TINY_MODEL, max_position_embeddings=128)))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(inputs["base"])).save_pretrained(str(root / "hf"))
-    for name in os.listdir(inputs["base"]):
-        if name != "config.json":
-            shutil.copy(os.path.join(inputs["base"], name), root / "hf")
+    hf_model_dir(inputs["base"], root / "hf")
     assert prepare(["gsm8k", "--input", str(root / "inputs" / "data"), "--out", str(root / "verl")]) == 0
     return root
 

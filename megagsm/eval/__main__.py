@@ -68,7 +68,7 @@ def run(args) -> int:
     from megagsm.errors import UserError
     from megagsm.eval.core import EvalSampling, evaluate_model
     from megagsm.models import provider
-    from megagsm.rewards import make_batch_scorer
+    from megagsm.rewards import scorer_for
     from megagsm.runtime import init_runtime, shutdown_runtime
     from megagsm.runtime.collectives import broadcast_object
     from megagsm.utils.rank import is_rank0
@@ -100,9 +100,7 @@ def run(args) -> int:
         convert_hf_to_mcore(args.load, weights, parallel, overwrite=True)
     load_mcore_checkpoint(chunks, weights)
     tokenizer = provider.load_tokenizer(weights if megatron else args.load)
-    gspo_like = argparse.Namespace(reward=args.reward, reward_method="strict",
-                                   overlong_buffer=argparse.Namespace(enable=False))
-    scorer = make_batch_scorer(gspo_like, args.max_new_tokens, [e.data_source for e in examples])
+    scorer = scorer_for(args.reward, "strict", [e.data_source for e in examples])
     sampling = EvalSampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     result = evaluate_model(chunks, examples, tokenizer, scorer, sampling, template=args.template,

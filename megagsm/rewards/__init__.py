@@ -15,7 +15,7 @@ from megagsm.rewards import math_rewards as _math_rewards  # noqa: F401  (regist
 from megagsm.rewards import by_source as _by_source  # noqa: F401  (registers auto)
 from megagsm.rewards.by_source import check_sources, reward_name_for_source
 from megagsm.rewards.overlong import overlong_penalty
-from megagsm.rewards.scoring import BatchScorer, make_batch_scorer, resolve_reward
+from megagsm.rewards.scoring import BatchScorer, make_batch_scorer, resolve_reward, scorer_for
 
 __all__ = ["RewardFn", "get_reward", "list_rewards", "register_reward", "overlong_penalty", "make_batch_scorer",
-           "reward_name_for_source", "check_sources", "BatchScorer", "resolve_reward"]
+           "reward_name_for_source", "check_sources", "BatchScorer", "resolve_reward", "scorer_for"]

@@ -51,14 +51,21 @@ class BatchScorer:
         return self.with_penalty(self.scores(texts, ground_truths, data_sources), lengths)
 
 
-def make_batch_scorer(gspo_config, max_response_len: int, data_sources: Sequence[str] = ()) -> BatchScorer:
-    """The scorer of an ``algorithm.gspo`` config section; ``max_response_len`` is the response limit
-    (generation.max_new_tokens). With ``reward: auto`` the ``data_sources`` of the data set are
-    checked up front, so an unknown source fails before the first rollout."""
-    fn = resolve_reward(gspo_config.reward, gspo_config.reward_method)
-    if gspo_config.reward == "auto":
+def scorer_for(reward: str, method: str = "strict", data_sources: Sequence[str] = ()) -> BatchScorer:
+    """The scorer of a reward name without length penalty (held-out evaluation). With ``auto`` the
+    ``data_sources`` of the data set are checked up front, so an unknown source fails before scoring."""
+    fn = resolve_reward(reward, method)
+    if reward == "auto":
         check_sources(data_sources)
+    return BatchScorer(fn)
+
+
+def make_batch_scorer(gspo_config, max_response_len: int, data_sources: Sequence[str] = ()) -> BatchScorer:
+    """The scorer of an ``algorithm.gspo`` config section (scorer_for plus DAPO's overlong penalty);
+    ``max_response_len`` is the response limit (generation.max_new_tokens)."""
+    scorer = scorer_for(gspo_config.reward, gspo_config.reward_method, data_sources)
     ob = gspo_config.overlong_buffer
     if not ob.enable:
-        return BatchScorer(fn)
-    return BatchScorer(fn, overlong_len=ob.len, overlong_factor=ob.penalty_factor, max_response_len=max_response_len)
+        return scorer
+    return BatchScorer(scorer.fn, overlong_len=ob.len, overlong_factor=ob.penalty_factor,
+                       max_response_len=max_response_len)

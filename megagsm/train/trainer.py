@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Protocol
 
 from megagsm.checkpoint.export import export_hf
@@ -38,7 +37,7 @@ from megagsm.runtime import init_runtime
 from megagsm.train.model import build_model
 from megagsm.train.optim import build_scheduler, current_lr, optimizer_config
 from megagsm.utils.logging import get_logger, progress
-from megagsm.rewards import make_batch_scorer
+from megagsm.rewards import scorer_for
 from megagsm.utils.metrics import MetricsWriter
 from megagsm.utils.plots import plot_metrics
 from megagsm.utils.rank import is_rank0
@@ -103,10 +102,8 @@ class Trainer:
         self.train_examples, self.held_out = load_run_examples(cfg.data)
         if t.eval_max_examples:
             self.held_out = self.held_out[:t.eval_max_examples]
-        self.eval_scorer = make_batch_scorer(
-            SimpleNamespace(reward=t.eval_reward, reward_method=cfg.algorithm.gspo.reward_method,
-                            overlong_buffer=SimpleNamespace(enable=False)),
-            cfg.generation.max_new_tokens, [e.data_source for e in self.held_out])
+        self.eval_scorer = scorer_for(t.eval_reward, cfg.algorithm.gspo.reward_method,
+                                      [e.data_source for e in self.held_out])
         self.metrics = MetricsWriter(t.output_dir)
         self.checkpoints = CheckpointManager(
             t.checkpoint_dir(), t.keep_last_n,
