@@ -82,13 +82,11 @@ def main(argv=None):
             f"algorithm.gspo.n_rollouts={args.n}", f"algorithm.gspo.prompts_per_step={args.prompts}",
             f"algorithm.gspo.mini_batches={args.mini_batches}", "algorithm.gspo.filter_zero_std_groups=false",
         ])
+        run = Trainer(cfg, GSPO)
         if args.two_pass:
             import dataclasses
 
-            import megagsm.rl.gspo as gspo_module
-
-            gspo_module.replace = lambda spec, **kw: dataclasses.replace(spec, **{**kw, "on_policy": False})
-        run = Trainer(cfg, GSPO)
+            run.algorithm.spec = dataclasses.replace(run.algorithm.spec, on_policy=False)
         run.restore()
         params_m = sum(p.numel() for c in run.chunks for p in c.parameters()) / 1e6
         run.algorithm.train_step(0)  # warm-up

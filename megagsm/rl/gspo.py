@@ -19,7 +19,7 @@ LR schedule steps once per GSPO step (optim.warmup_steps counts GSPO steps, as i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -158,23 +158,20 @@ class GSPO:
         minibatches = build_minibatches(rollouts, advantages, g.mini_batches, self.cfg.train.micro_batch_size,
                                         self.multiple, device=trainer.info.device)
         logprob_started = time.perf_counter()
-        # exactly on-policy: the update's own log-probs are the old ones (no forward-only pass); routing
-        # replay measures and records routing in that pass, so it keeps it
-        spec = replace(self.spec, on_policy=g.mini_batches == 1 and g.ppo_epochs == 1 and g.routing_replay == "none")
         old_pass, update_pass = self._routing_passes()
         old, old_metrics = None, MetricSums()
-        if not spec.on_policy:
-            old = compute_log_probs(trainer.chunks, minibatches, spec, with_metrics=True, routing=old_pass)
+        if not self.spec.on_policy:  # exactly on-policy: the update's own log-probs are the old ones
+            old = compute_log_probs(trainer.chunks, minibatches, self.spec, with_metrics=True, routing=old_pass)
             minibatches, old_metrics = with_log_probs(minibatches, old, "old_log_prob"), old.metrics
             if g.routing_replay == "r2":
                 minibatches = with_values(minibatches, old.routing, "old_routing")
         if self.reference is not None:
             with self.reference.swapped_in():
-                minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, spec),
+                minibatches = with_log_probs(minibatches, compute_log_probs(trainer.chunks, minibatches, self.spec),
                                              "ref_log_prob")
         update_started = time.perf_counter()
         with adapter_dropout_disabled(trainer.chunks):  # (no-op without LoRA)
-            update = update_policy(trainer.chunks, trainer.optimizer, minibatches, spec, g.ppo_epochs,
+            update = update_policy(trainer.chunks, trainer.optimizer, minibatches, self.spec, g.ppo_epochs,
                                    routing=update_pass)
         finished = time.perf_counter()
         row = self._global_rollout_stats(rollouts, advantages, stats, step)

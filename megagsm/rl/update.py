@@ -74,6 +74,8 @@ class LossSpec:
                    loss_agg_mode=gspo.loss_agg_mode, kl_coef=gspo.kl_coef,
                    temperature=generation.temperature if generation.temperature > 0 else 1.0,
                    vocab_limit=vocab_limit, norm=float(generation.max_new_tokens), clip_ratio_c=gspo.clip_ratio_c,
+                   # routing replay records and measures routing in the old-log-prob pass, so it keeps it
+                   on_policy=gspo.mini_batches == 1 and gspo.ppo_epochs == 1 and gspo.routing_replay == "none",
                    rollout_correction=gspo.rollout_correction,
                    rollout_correction_level=gspo.rollout_correction_level,
                    rollout_correction_threshold=gspo.rollout_correction_threshold)
