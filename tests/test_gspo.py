@@ -223,20 +223,6 @@ def _e2e_launch(inputs, root):
     return out
 
 
-def _hf_weights(base: str, out_dir) -> str:
-    """An HF model dir (random weights, the base's tokenizer) as a user brings it."""
-    import shutil
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(str(out_dir))
-    for name in os.listdir(base):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(os.path.join(base, name), out_dir)
-    return str(out_dir)
-
-
 def _pair_launch(init_state, layouts, inputs, root):
     out = _layout_launch(init_state, layouts)
     out["e2e"] = _e2e_launch(inputs, root)
@@ -249,6 +235,7 @@ def _pair_launch(init_state, layouts, inputs, root):
 def launches(tmp_path_factory):
     from megagsm.config.parallel import ParallelConfig
     from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
+    from megagsm.testing.tiny_runs import hf_model_dir
 
     single = run_ranks(_update_all, 1, {"tp1": ParallelConfig()}, 16, None)[0]
     init_state = {c: single[("tp1", c)]["init"] for c in CASES}
@@ -260,7 +247,7 @@ def launches(tmp_path_factory):
     }
     root = tmp_path_factory.mktemp("gspo")
     inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=64, n_test=8, model=TINY_MODEL))
-    inputs["hf_init"] = _hf_weights(inputs["base"], root / "hf_init")
+    inputs["hf_init"] = hf_model_dir(inputs["base"], root / "hf_init")
     from megagsm.data.prepare import prepare_gsm8k
 
     inputs["verl"] = str(root / "verl")

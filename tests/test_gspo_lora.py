@@ -261,28 +261,16 @@ def _launch(inputs, root):
     return out
 
 
-def _hf_weights(base: str, out_dir) -> str:
-    import shutil
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(str(out_dir))
-    for name in os.listdir(base):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(os.path.join(base, name), out_dir)
-    return str(out_dir)
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
     from megagsm.testing.tiny_moe import make_tiny_moe_model
+    from megagsm.testing.tiny_runs import hf_model_dir
 
     root = tmp_path_factory.mktemp("gspo_lora")
     tiny = DemoSpec(n_train=64, n_test=8, model=TINY_MODEL)
     inputs = prepare_inputs(root / "inputs", tiny)
-    inputs["hf_init"] = _hf_weights(inputs["base"], root / "hf_init")
+    inputs["hf_init"] = hf_model_dir(inputs["base"], root / "hf_init")
     # Qwen2-MoE: dense layer 0, 8 experts top-2 with a gated shared expert in layers 1-2
     make_tiny_moe_model("qwen2_moe", root / "moe", tokenizer=False, vocab_size=max(300, inputs["tokenizer_size"]),
                         max_position_embeddings=64)

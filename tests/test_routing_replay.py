@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -256,16 +255,11 @@ def _launch(inputs, root):
     return out
 
 
-def _copy_tokenizer(base, out_dir):
-    for name in os.listdir(base):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(os.path.join(base, name), out_dir)
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     from megagsm.demo import DemoSpec, prepare_inputs
     from megagsm.testing.tiny_moe import make_tiny_moe_model
+    from megagsm.testing.tiny_runs import copy_tokenizer
 
     root = tmp_path_factory.mktemp("replay")
     inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=64, n_test=8))
@@ -276,12 +270,12 @@ def launch(tmp_path_factory):
             if name.endswith("mlp.gate.weight"):
                 p.mul_(ROUTER_SCALE)
     model.save_pretrained(str(moe))
-    _copy_tokenizer(inputs["base"], moe)
+    copy_tokenizer(inputs["base"], moe)
     inputs["moe"] = str(moe)
     for family in ("qwen2_moe", "deepseek_v3", "deepseek_v2", "qwen3_moe"):
         inputs[family] = str(root / family)
         make_tiny_moe_model(family, root / family, tokenizer=False)
-        _copy_tokenizer(inputs["base"], root / family)
+        copy_tokenizer(inputs["base"], root / family)
     results = run_ranks(_launch, 2, inputs, str(root))
     if os.environ.get("MEGAGSM_REPLAY_DUMP"):
         torch.save(results, os.environ["MEGAGSM_REPLAY_DUMP"])

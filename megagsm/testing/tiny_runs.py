@@ -16,3 +16,24 @@ def tiny_run_config(inputs: dict, out_dir: str, overrides=(), algorithm: str = "
         "algorithm.gspo.n_rollouts=4", "algorithm.gspo.prompts_per_step=4", *overrides])
     validate(cfg, world_size)
     return cfg
+
+
+def copy_tokenizer(base: str, out_dir) -> None:
+    """The tokenizer files of `base` (an inputs['base'] dir: they and its config.json) into `out_dir`."""
+    import os
+    import shutil
+
+    for name in os.listdir(base):
+        if name != "config.json":
+            shutil.copy(os.path.join(base, name), out_dir)
+
+
+def hf_model_dir(base: str, out_dir, seed: int = 0) -> str:
+    """An HF model dir as a user brings it: random weights for `base`'s config.json, its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(str(out_dir))
+    copy_tokenizer(base, out_dir)
+    return str(out_dir)
