@@ -37,11 +37,27 @@ def has_digit(solution_str, ground_truth, **kwargs):
 
 # ---------------------------------------------------------------- fixed rollout batch, any layout
 
-def _spec():
+def _spec(moe: bool = False):
     from megagsm.testing.parity import TinyGPTSpec
 
+    # MoE: dropless top-2 of 4 experts, no aux loss (padding tokens route too, so an aux loss
+    # would differ between padded and packed microbatches by design)
+    experts = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32) if moe else {}
     return TinyGPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                       ffn_hidden_size=64, vocab_size=128, seq_length=32)
+                       ffn_hidden_size=64, vocab_size=128, seq_length=32, **experts)
+
+
+class Run(NamedTuple):
+    """One layout of the update-invariance launches: how its microbatches are built."""
+    parallel: object            # ParallelConfig
+    budget: int = 0             # train.max_tokens_per_microbatch (0: padded rows of MICRO_BATCH)
+    moe: bool = False
+    cases: tuple | None = None  # None: every case
+
+
+MICRO_BATCH = 3       # padded rows per microbatch at 2 ranks (filler rows appear)
+PACK_BUDGET = 24      # tokens per packed microbatch: the longest sequence (21 tokens) fits, several microbatches
+MOE_CASES = ("gspo", "grpo_token_mean", "on_policy_skip")
 
 
 class Case(NamedTuple):
@@ -93,36 +109,45 @@ def _fixed_rollouts(case, dp_rank, dp_size):
                     mini_batch=[k for k, _ in share for _ in range(n)], group_size=n)
 
 
-def _update_all(layouts: dict, micro_batch_size: int, init_state):
+def _update_all(runs: dict, micro_batch_size: int, init_state):
     from megatron.core.optimizer import OptimizerConfig
 
     from megagsm.models.training import build_optimizer, wrap_ddp
     from megagsm.rl.batching import build_minibatches, compute_advantages
     from megagsm.models.training import sequence_length_multiple
-    from megagsm.rl.gspo import UPDATE_METRICS
+    from megagsm.rl.gspo import UPDATE_METRICS, padded_token_fraction
+    from megagsm.rl.packing import build_packed_minibatches
     from megagsm.rl.update import LogProbs, LossSpec, MetricSums, compute_log_probs, update_policy, with_log_probs
     from megagsm.runtime import init_runtime
+    from megagsm.runtime.collectives import dp_group, gather_objects
     from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
     from megagsm.testing.parity import tiny_gpt_model
 
     out = {}
-    for lname, parallel in layouts.items():
+    for lname, run in runs.items():
+        parallel = run.parallel
         for cname, case in CASES.items():
+            if run.cases is not None and cname not in run.cases:
+                continue
             info = init_runtime(parallel, seed=5)
-            chunks = tiny_gpt_model(_spec(), parallel)
+            chunks = tiny_gpt_model(_spec(run.moe), parallel)
             init = None
             if init_state is None:
                 init = gather_full_state_dict(chunks)
             else:
-                load_full_state_dict(chunks, init_state[cname])
+                load_full_state_dict(chunks, init_state[(run.moe, cname)])
             chunks = wrap_ddp(chunks, parallel)
             optimizer = build_optimizer(chunks, OptimizerConfig(
                 optimizer="adam", lr=1e-3, weight_decay=0.1, clip_grad=1.0, adam_eps=1e-4,
                 use_distributed_optimizer=parallel.use_distributed_optimizer))
             rollouts = _fixed_rollouts(case, info.dp_rank, info.dp_size)
             advantages = compute_advantages(rollouts, filter_zero_std_groups=case.filter_zero_std)
-            minibatches = build_minibatches(rollouts, advantages, case.mini_batches, micro_batch_size,
-                                            sequence_length_multiple(parallel))
+            if run.budget:
+                minibatches = build_packed_minibatches(rollouts, advantages, case.mini_batches, run.budget,
+                                                       sequence_length_multiple(parallel))
+            else:
+                minibatches = build_minibatches(rollouts, advantages, case.mini_batches, micro_batch_size,
+                                                sequence_length_multiple(parallel))
             spec = LossSpec(mode=case.mode, clip_ratio_low=case.clip[0], clip_ratio_high=case.clip[1],
                             loss_agg_mode=case.agg, temperature=case.temperature, vocab_limit=case.vocab_limit,
                             norm=12.0, on_policy=case.skip_old_pass)
@@ -138,7 +163,9 @@ def _update_all(layouts: dict, micro_batch_size: int, init_state):
                 "grad_norms": result.grad_norms, "updates": result.updates, "skipped": result.skipped,
                 "metrics": old.metrics.merged(result.metrics).reduce(UPDATE_METRICS),
                 "microbatches": [len(mb.microbatches) for mb in minibatches],
-                "local": [mb.local_sequences for mb in minibatches]}
+                "local": [mb.local_sequences for mb in minibatches],
+                "rank_tokens": gather_objects([mb.real_tokens for mb in minibatches], dp_group()),
+                "padded_token_fraction": padded_token_fraction(minibatches)}
     return out
 
 
@@ -172,8 +199,8 @@ def _check_log_probs_against_full_softmax(parallel):
 
 
 def _layout_launch(init_state, layouts):
-    out = {"update": _update_all(layouts, 3, init_state)}
-    out["logprob_err_tp2"] = _check_log_probs_against_full_softmax(layouts["tp2"])
+    out = {"update": _update_all(layouts, MICRO_BATCH, init_state)}
+    out["logprob_err_tp2"] = _check_log_probs_against_full_softmax(layouts["tp2"].parallel)
     return out
 
 
@@ -237,13 +264,22 @@ def launches(tmp_path_factory):
     from megagsm.demo import TINY_MODEL, DemoSpec, prepare_inputs
     from megagsm.testing.tiny_runs import hf_model_dir
 
-    single = run_ranks(_update_all, 1, {"tp1": ParallelConfig()}, 16, None)[0]
-    init_state = {c: single[("tp1", c)]["init"] for c in CASES}
+    # the references: one process, padded rows, one microbatch per mini-batch (dense and MoE);
+    # tp1_packed: one process, several packed microbatches per mini-batch
+    single = run_ranks(_update_all, 1, {"tp1": Run(ParallelConfig()),
+                                        "tp1_moe": Run(ParallelConfig(), moe=True, cases=MOE_CASES),
+                                        "tp1_packed": Run(ParallelConfig(), PACK_BUDGET)}, 16, None)[0]
+    init_state = {(False, c): single[("tp1", c)]["init"] for c in CASES}
+    init_state.update({(True, c): single[("tp1_moe", c)]["init"] for c in MOE_CASES})
+    tp2, sp = ParallelConfig(tp=2, use_distributed_optimizer=False), ParallelConfig(
+        tp=2, sequence_parallel=True, use_distributed_optimizer=False)
+    dp2, pp2 = ParallelConfig(use_distributed_optimizer=True), ParallelConfig(pp=2, use_distributed_optimizer=False)
     layouts = {
-        "tp2": ParallelConfig(tp=2, use_distributed_optimizer=False),
-        "tp2_sp": ParallelConfig(tp=2, sequence_parallel=True, use_distributed_optimizer=False),
-        "dp2_distopt": ParallelConfig(use_distributed_optimizer=True),
-        "pp2": ParallelConfig(pp=2, use_distributed_optimizer=False),
+        "tp2": Run(tp2), "tp2_sp": Run(sp), "dp2_distopt": Run(dp2), "pp2": Run(pp2),
+        "tp2_packed": Run(tp2, PACK_BUDGET), "tp2_sp_packed": Run(sp, PACK_BUDGET),
+        "dp2_distopt_packed": Run(dp2, PACK_BUDGET), "pp2_packed": Run(pp2, PACK_BUDGET),
+        "ep2_packed": Run(ParallelConfig(ep=2, use_distributed_optimizer=False), PACK_BUDGET, moe=True,
+                          cases=MOE_CASES),
     }
     root = tmp_path_factory.mktemp("gspo")
     inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=64, n_test=8, model=TINY_MODEL))
@@ -254,27 +290,39 @@ def launches(tmp_path_factory):
     prepare_gsm8k(str(root / "inputs" / "data"), inputs["verl"])
 
     pair = run_ranks(_pair_launch, 2, init_state, layouts, inputs, str(root))
-    return single, pair[0], list(layouts)
+    return single, pair[0], layouts
+
+
+def _compared(single, pair, layouts):
+    """(layout, case, reference result, result) for every run but the references themselves: the
+    2-rank layouts and the one-process packed run, each against the one-process padded run."""
+    runs = {"tp1_packed": (single, None), **{name: (pair["update"], run) for name, run in layouts.items()}}
+    for lname, (results, run) in runs.items():
+        moe = run is not None and run.moe
+        for cname in (run.cases if run is not None and run.cases else CASES):
+            yield lname, cname, single[("tp1_moe" if moe else "tp1", cname)], results[(lname, cname)]
 
 
 def test_update_is_layout_invariant(launches):
     single, pair, layouts = launches
     from megagsm.testing.parity import max_param_diff
 
-    for cname in CASES:
-        ref = single[("tp1", cname)]
-        assert ref["updates"] >= 1 and all(math.isfinite(x) for x in ref["losses"]), cname
-        for lname in layouts:
-            got = pair["update"][(lname, cname)]
-            diff, key = max_param_diff(ref["final"], got["final"])
-            assert diff < PARAM_ATOL, (cname, lname, key, diff)
-            # GSPO losses are sums of +-advantages that nearly cancel: compare on the scale of the terms
-            assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), (cname, lname)
-            assert got["updates"] == ref["updates"] and got["skipped"] == ref["skipped"]
-            for name, value in ref["metrics"].items():
-                assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (cname, lname, name)
+    for ref in [single[("tp1", c)] for c in CASES] + [single[("tp1_moe", c)] for c in MOE_CASES]:
+        assert ref["updates"] >= 1 and all(math.isfinite(x) for x in ref["losses"])
         moved = max(max_param_diff(ref["init"], ref["final"])[0], 0.0)
-        assert moved > 100 * PARAM_ATOL, (cname, moved)  # the update did something the tolerance can see
+        assert moved > 100 * PARAM_ATOL, moved  # the update did something the tolerance can see
+    compared = 0
+    for lname, cname, ref, got in _compared(single, pair, layouts):
+        diff, key = max_param_diff(ref["final"], got["final"])
+        assert diff < PARAM_ATOL, (cname, lname, key, diff)
+        # GSPO losses are sums of +-advantages that nearly cancel: compare on the scale of the terms
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), (cname, lname)
+        assert got["updates"] == ref["updates"] and got["skipped"] == ref["skipped"]
+        assert set(got["metrics"]) == set(ref["metrics"]), (cname, lname)
+        for name, value in ref["metrics"].items():
+            assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (cname, lname, name)
+        compared += 1
+    assert compared == len(CASES) * 9 + len(MOE_CASES)
 
 
 def test_microbatch_split_and_filler_rows(launches):
@@ -285,6 +333,21 @@ def test_microbatch_split_and_filler_rows(launches):
     # filter drops; it still runs as many (filler) microbatches as rank 1 needs for its 8 sequences
     dp2 = pair["update"][("dp2_distopt", "gspo")]
     assert dp2["local"] == [0, 8] and dp2["microbatches"] == [3, 3]
+
+
+def test_packed_microbatches_balance_tokens_and_cut_padding(launches):
+    """Packed, DP2: the sequences of mini-batch 0 (all on rank 1 by placement) are re-placed by tokens
+    (rank 0 trains about half of them), both ranks run the same number of microbatches, and the
+    padded share of the computed tokens falls well below the padded rows'."""
+    single, pair, _ = launches
+    padded, packed = pair["update"][("dp2_distopt", "gspo")], pair["update"][("dp2_distopt_packed", "gspo")]
+    assert padded["rank_tokens"][0][0] == 0 and packed["local"][0] > 0  # rank 0 gets a share of mini-batch 0
+    per_mb = list(zip(*packed["rank_tokens"]))
+    assert [sum(t) for t in per_mb] == [sum(t) for t in zip(*padded["rank_tokens"])]  # the same sequences
+    for rank0, rank1 in per_mb:
+        assert abs(rank0 - rank1) <= 21  # within one (the longest) sequence of an even split
+    assert packed["padded_token_fraction"] < padded["padded_token_fraction"] - 0.2
+    assert single[("tp1_packed", "gspo")]["microbatches"][1] > 1  # several packed microbatches
 
 
 def test_first_update_is_on_policy_and_clipping_is_exercised(launches):
@@ -303,7 +366,8 @@ def test_on_policy_update_without_the_old_log_prob_pass_is_the_same_update(launc
     single, pair, layouts = launches
     from megagsm.testing.parity import max_param_diff
 
-    for results, names in ((single, ["tp1"]), (pair["update"], layouts)):
+    names = [n for n, run in layouts.items() if run.cases is None]
+    for results, names in ((single, ["tp1", "tp1_packed"]), (pair["update"], names)):
         for lname in names:
             two_pass, skipped = results[(lname, "on_policy")], results[(lname, "on_policy_skip")]
             assert max_param_diff(two_pass["final"], skipped["final"])[0] < 1e-7, lname

@@ -21,6 +21,10 @@ class LoraConfig:
 class TrainConfig:
     global_batch_size: int = 8         # sequences per optimizer step (SFT)
     micro_batch_size: int = 1          # sequences per forward/backward on one rank
+    # GSPO's log-prob, reference and update passes: tokens per packed microbatch (sequences packed
+    # without padding, THD). null: micro_batch_size*(data.max_prompt_len+generation.max_new_tokens)
+    # rounded up to the sequence-length multiple; 0: micro_batch_size padded rows (no packing)
+    max_tokens_per_microbatch: int | None = None  # GSPO tokens per packed microbatch (null: auto, 0: padded rows)
     train_steps: int = 100             # optimizer steps
     eval_interval: int = 0             # steps between evaluations; 0: only at the end
     save_interval: int = 0             # steps between checkpoints; 0: only at the end

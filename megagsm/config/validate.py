@@ -48,6 +48,7 @@ def validate(cfg: RunConfig, world_size: int | None, *, launched: bool = False) 
     problems += _model_source_problems(cfg)
     problems += _batch_problems(cfg, world_size) if world_size is not None else []
     problems += _data_problems(cfg)
+    problems += _packing_problems(cfg)
     problems += _range_problems(cfg)
     if cfg.algorithm.name == "gspo":
         problems += cfg.algorithm.gspo.problems(cfg.generation.max_new_tokens)
@@ -144,6 +145,20 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"data.seq_length={d.seq_length} must be a multiple of parallel.tp={p.tp} "
                         "with sequence_parallel")
     return problems
+
+
+def _packing_problems(cfg: RunConfig) -> list[str]:
+    """A GSPO token budget must hold the longest sequence the model can be fed (prompt + response,
+    minus the last token, which is only a label)."""
+    budget = cfg.train.max_tokens_per_microbatch
+    if cfg.algorithm.name != "gspo" or budget is None or budget == 0:
+        return []
+    longest = cfg.data.max_prompt_len + cfg.generation.max_new_tokens - 1
+    if budget < 0 or budget < longest:
+        return [f"train.max_tokens_per_microbatch={budget} is smaller than the longest sequence "
+                f"(data.max_prompt_len+generation.max_new_tokens-1={longest}); allowed: >= {longest}, "
+                "0 (padded rows) or null (auto)"]
+    return []
 
 
 def _range_problems(cfg: RunConfig) -> list[str]:

@@ -8,6 +8,11 @@ Masks follow megatron's convention: a boolean `attention_mask` is True where att
 broadcastable to [b, heads, sq, sk]. With a causal mask type the causal mask is aligned to the
 bottom-right corner (query i sees keys up to sk - sq + i), which covers a fresh prefill (sq == sk),
 KV-cache decoding (sq == 1) and chunked prefill alike.
+
+Packed sequences (THD, `packed_seq_params.qkv_format == "thd"`): q/k/v arrive as [t, heads, dim]
+(megatron squeezes the batch of one) with the documents' boundaries in `cu_seqlens_q`; each document
+gets its own causal SDPA call (exact, and O(sum of L^2) where one block-diagonal mask would cost
+O(t^2)); the output is [t, heads * dv], the layout transformer-engine returns for THD.
 """
 from __future__ import annotations
 
@@ -117,11 +122,11 @@ class SDPAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise ValueError("packed sequences need transformer-engine attention (data.pack_sequences)")
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPAttention")
         attn_mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, attn_mask_type, packed_seq_params)
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
         if sq == 1 and self.window_size is None and not (self.training and self.dropout_p > 0):
@@ -156,10 +161,48 @@ class SDPAttention(MegatronModule):
                 enable_gqa=enable_gqa,
             )
 
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = attend()
-        else:
-            context = attend()
+        context = self._with_dropout_rng(attend, dropout_p)
         # [b, h, sq, dv] -> [sq, b, h*dv]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.v_channels)
+
+    def _with_dropout_rng(self, attend, dropout_p: float):
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return attend()
+        return attend()
+
+    def _packed(self, query, key, value, attn_mask_type, packed_seq_params):
+        """THD: causal attention inside each document of [t, heads, dim] q/k/v (module docstring)."""
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention takes packed sequences in qkv_format 'thd', got "
+                             f"{packed_seq_params.qkv_format!r}")
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError(f"THD q/k/v must be [t, heads, dim], got {tuple(query.shape)}, {tuple(key.shape)}, "
+                             f"{tuple(value.shape)}")
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_q is None or (cu_kv is not None and not torch.equal(cu_q, cu_kv)):
+            raise ValueError("THD self-attention needs cu_seqlens_q, equal to cu_seqlens_kv")
+        bounds = cu_q.tolist()
+        t = query.shape[0]
+        if bounds[0] != 0 or bounds[-1] != t or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the {t} packed tokens, one "
+                             "non-empty document after another")
+        causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        dropout_p = self.dropout_p if self.training else 0.0
+        enable_gqa = self.heads_per_partition != key.shape[1]
+        q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # [heads, t, dim]
+
+        def attend():
+            parts = []
+            for start, end in zip(bounds, bounds[1:]):
+                n = end - start
+                mask = None
+                if self.window_size is not None:
+                    mask = self._mask(None, attn_mask_type, n, n, query.device)
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, start:end], k[:, start:end], v[:, start:end], attn_mask=mask, dropout_p=dropout_p,
+                    is_causal=causal and mask is None and n > 1, scale=self.softmax_scale, enable_gqa=enable_gqa))
+            return torch.cat(parts, dim=1)                              # [heads, t, dv]
+
+        context = self._with_dropout_rng(attend, dropout_p)
+        return context.transpose(0, 1).reshape(t, self.heads_per_partition * self.v_channels)

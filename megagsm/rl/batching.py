@@ -74,10 +74,12 @@ def compute_advantages(rollouts: Rollouts, eps: float = 1e-6, std_normalize: boo
 
 @dataclass
 class MiniBatch:
-    microbatches: list[dict]            # this rank's, each exactly micro_batch_size rows
+    microbatches: list[dict]            # this rank's, each exactly micro_batch_size rows (packed: one)
     seq_length: int
     local_sequences: int                # real sequences here
     global_sequences: int = 0           # over all DP ranks (0: nothing to train on: skip the update)
+    computed_tokens: int = 0            # token positions the model runs over here, padding included
+    real_tokens: int = 0                # of which sequence tokens
 
     @property
     def micro_batch_size(self) -> int:
@@ -153,5 +155,6 @@ def build_minibatches(rollouts: Rollouts, advantages: Advantages, mini_batches: 
             if device is not None:
                 batch = {key: value.to(device) for key, value in batch.items()}
             micro.append(batch)
-        out.append(MiniBatch(micro, T, int(local[k]), int(counts[1, k])))
+        out.append(MiniBatch(micro, T, int(local[k]), int(counts[1, k]), computed_tokens=T * len(built),
+                             real_tokens=sum(lengths)))
     return out

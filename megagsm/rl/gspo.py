@@ -6,10 +6,13 @@ One step (`GSPO.train_step`):
    the training layout, same weights, no copy);
 2. rewards (a registered reward function) and group-normalised advantages; groups whose rewards are
    all equal carry no signal: counted, and dropped when `filter_zero_std_groups`;
-3. old log-probs (and reference ones when kl_coef > 0) by a forward-only pass over the update's own
-   microbatches, then `ppo_epochs` x `mini_batches` optimizer steps of the GSPO loss through
-   megatron's schedules (megagsm.rl.update);
-4. metrics: reward, accuracy, lengths, clip fraction, KL, entropy, time split, tokens/s.
+3. the update's microbatches: sequences packed to a token budget (megagsm.rl.packing, the default)
+   or padded rows (megagsm.rl.batching, train.max_tokens_per_microbatch=0); old log-probs (and
+   reference ones when kl_coef > 0) by a forward-only pass over those microbatches, then
+   `ppo_epochs` x `mini_batches` optimizer steps of the GSPO loss through megatron's schedules
+   (megagsm.rl.update);
+4. metrics: reward, accuracy, lengths, clip fraction, KL, entropy, time split, tokens/s, the padded
+   share of the update's computed tokens.
 MoE routing replay (``routing_replay``: megagsm.rl.routing_replay) records the rollout's routing in
 the engine and replays it (r3) or the old pass's (r2); ``rollout_correction`` weights the loss by
 pi_old / pi_sampler (megagsm.rl.rollout_correction).
@@ -29,7 +32,8 @@ from megagsm.data.prompts import encode_example_prompt, truncate_prompt
 from megagsm.generation import generate_batched
 from megagsm.models.router_replay import ModelRouting
 from megagsm.models.training import sequence_length_multiple
-from megagsm.rl.batching import Advantages, Rollouts, build_minibatches, compute_advantages
+from megagsm.rl.batching import Advantages, MiniBatch, Rollouts, build_minibatches, compute_advantages
+from megagsm.rl.packing import build_packed_minibatches, token_budget
 from megagsm.models.lora import adapter_dropout_disabled
 from megagsm.rewards import make_batch_scorer
 from megagsm.rl.reference import FrozenBaseReference, ReferencePolicy
@@ -44,6 +48,14 @@ log = get_logger(__name__)
 UPDATE_METRICS = ["entropy", "logprob_diff_gen", "pg_clipfrac", "pg_clipfrac_lower", "ratio_mean", "seq_ratio_mean",
                   "approx_kl_k1", "approx_kl_k3", "kl_loss", "rollout_kl_k1", "rollout_kl_k3",
                   "rollout_is_weight_mean", "rollout_is_clip_fraction"]
+
+
+def padded_token_fraction(minibatches: list[MiniBatch]) -> float:
+    """Of the token positions the update's microbatches compute (all DP ranks), the share that is
+    padding (collective over DP)."""
+    computed, real = reduce_numbers([sum(mb.computed_tokens for mb in minibatches),
+                                     sum(mb.real_tokens for mb in minibatches)], "sum", dp_group())
+    return 1.0 - real / computed if computed else 0.0
 
 
 @dataclass
@@ -97,6 +109,9 @@ class GSPO:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.spec = LossSpec.from_config(g, cfg.generation, trainer.vocab_limit)
         self.multiple = sequence_length_multiple(cfg.parallel)
+        t = cfg.train
+        self.token_budget = token_budget(t.max_tokens_per_microbatch, t.micro_batch_size, cfg.data.max_prompt_len,
+                                         cfg.generation.max_new_tokens, self.multiple)
         self.reference: ReferencePolicy | FrozenBaseReference | None = None
         self.routing: ModelRouting | None = None
         if g.routing_replay != "none":
@@ -155,8 +170,7 @@ class GSPO:
             rollouts, stats = self.collect_rollouts(step)
         advantages = compute_advantages(rollouts, std_normalize=g.adv_std_normalize,
                                         filter_zero_std_groups=g.filter_zero_std_groups)
-        minibatches = build_minibatches(rollouts, advantages, g.mini_batches, self.cfg.train.micro_batch_size,
-                                        self.multiple, device=trainer.info.device)
+        minibatches = self.minibatches(rollouts, advantages)
         logprob_started = time.perf_counter()
         old_pass, update_pass = self._routing_passes()
         old, old_metrics = None, MetricSums()
@@ -178,6 +192,7 @@ class GSPO:
         if self.routing is not None and old is not None:
             row.update(routing_metrics(old.routing_counts, rollouts.routing))
         row.update(old_metrics.merged(update.metrics).reduce(UPDATE_METRICS))
+        row["padded_token_fraction"] = padded_token_fraction(minibatches)
         row.update({"updates": update.updates, "skipped_updates": update.skipped,
                     "time_generate": stats.time_generate, "time_score": stats.time_score,
                     "time_logprob": update_started - logprob_started, "time_update": finished - update_started,
@@ -189,6 +204,16 @@ class GSPO:
         row["gen_tokens_per_s"] = row["response_tokens"] / max(stats.time_generate, 1e-9)
         row["tokens_per_s"] = row["sequence_tokens"] / max(row["step_time"], 1e-9)
         return row
+
+    def minibatches(self, rollouts: Rollouts, advantages: Advantages) -> list:
+        """The update's microbatches: packed to the token budget (train.max_tokens_per_microbatch), or
+        micro_batch_size padded rows when it is 0."""
+        device = self.trainer.info.device
+        if self.token_budget:
+            return build_packed_minibatches(rollouts, advantages, self.gspo.mini_batches, self.token_budget,
+                                            self.multiple, device=device)
+        return build_minibatches(rollouts, advantages, self.gspo.mini_batches, self.cfg.train.micro_batch_size,
+                                 self.multiple, device=device)
 
     def _routing_passes(self) -> tuple[RoutingPass | None, RoutingPass | None]:
         """(old-log-prob pass, update) routing: r3 replays the rollout's in both, r2 keeps the old

@@ -8,7 +8,8 @@
 - ``none``: nothing is recorded or replayed.
 
 Layouts. A microbatch's ``routing`` is ``[b, T, layers, k]`` (row i, position t: the rollout's choice
-for token t of that row; positions past the sequence hold experts 0..k-1, never scored). The router
+for token t of that row; positions past the sequence hold experts 0..k-1, never scored); a packed
+microbatch (megagsm.rl.packing) is one such row holding its sequences' routing back to back. The router
 sees the [T, b] activations flattened sequence-major, and under sequence parallelism only its TP
 rank's chunk of T (``router_order``). ``old_routing`` (r2) is kept in the router's own order,
 ``[layers, tokens, k]``: it is replayed on the very rank and microbatch that recorded it.
@@ -42,6 +43,12 @@ def real_positions(response_mask: torch.Tensor) -> torch.Tensor:
     """[b, T] bool: the positions of a row's tokens (0 .. its last scored position), not padding."""
     scored = response_mask > 0
     return scored.flip(-1).cummax(-1).values.flip(-1)
+
+
+def token_positions(batch: dict) -> torch.Tensor:
+    """[b, T] bool: a microbatch's sequence tokens (a packed one says so in ``token_mask``; padded
+    rows hold them up to their last scored position)."""
+    return batch["token_mask"] if "token_mask" in batch else real_positions(batch["response_mask"])
 
 
 def _local_positions(values: torch.Tensor, config) -> torch.Tensor:
@@ -96,7 +103,7 @@ class RoutingPass:
         if self.count_matches and "routing" in batch:
             config = unwrap_model(model).config
             rollout = router_order(batch["routing"], config).to(chosen.device)
-            real = _local_positions(real_positions(batch["response_mask"]).transpose(0, 1), config)
+            real = _local_positions(token_positions(batch).transpose(0, 1), config)
             real = real.to(chosen.device).unsqueeze(-1)
             counts = torch.stack([(_same_sets(chosen, rollout) & real).sum(),
                                   (_same_sets(self.routing.natural(), rollout) & real).sum(),

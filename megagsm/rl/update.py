@@ -41,6 +41,7 @@ from megagsm.models.gpt import unwrap_model
 from megagsm.models.output_rows import gpt_hidden_states, output_layer_rows, scatter_kept_rows
 from megagsm.models.training import has_moe, run_schedule, train_step
 from megagsm.rl.batching import MiniBatch
+from megagsm.rl.packing import is_packed, scored_positions
 from megagsm.rl.logprobs import token_entropy, token_log_probs
 from megagsm.rl.losses import policy_loss
 from megagsm.rl.rollout_correction import rollout_weights, sampler_kl
@@ -136,22 +137,31 @@ class MetricSums:
 def _model_forward(batch: dict, model, routing: RoutingPass | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Last stage: (vocab-parallel logits [n, V/tp] of the n response positions, their rows in the
     sequence-major [s * b] flattening): prompt and padding positions skip the output projection, as
-    every loss here is masked by response_mask. Other stages: (hidden states, None)."""
+    every loss here is masked by the response mask. Other stages: (hidden states, None). A packed
+    microbatch (megagsm.rl.packing) goes in as one THD row with its packed_seq_params."""
     gpt = unwrap_model(model)
     if routing is not None:
         routing.before_forward(batch, model)
+    packed = {"packed_seq_params": batch["packed_seq_params"]} if is_packed(batch) else {}
     if not gpt.post_process:
-        out = model(batch["tokens"], batch["position_ids"], None), None
+        out = model(batch["tokens"], batch["position_ids"], None, **packed), None
     else:
-        hidden = gpt_hidden_states(model, batch["tokens"], batch["position_ids"], None)
-        out = output_layer_rows(model, hidden, batch["response_mask"] > 0)
+        hidden = gpt_hidden_states(model, batch["tokens"], batch["position_ids"], None, **packed)
+        out = output_layer_rows(model, hidden, scored_positions(batch))
     if routing is not None:
         routing.after_forward(batch, model)
     return out
 
 
 def _per_position(values: torch.Tensor, kept: torch.Tensor, batch: dict) -> torch.Tensor:
-    """[n] values of the response positions -> [b, s], 0 elsewhere."""
+    """[n] values of the response positions -> the microbatch's response view, 0 elsewhere: [b, s]
+    for padded rows, [S, R] (sequence, response token) for a packed microbatch."""
+    if is_packed(batch):
+        index = batch["response_index"]
+        if index.numel() != kept.numel():
+            raise RuntimeError(f"{kept.numel()} scored positions but {index.numel()} response slots")
+        S, R = batch["response_mask"].shape
+        return scatter_kept_rows(values, index, S * R).view(S, R)
     b, s = batch["labels"].shape
     return scatter_kept_rows(values, kept, s * b).view(s, b).transpose(0, 1)
 

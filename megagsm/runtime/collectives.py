@@ -52,6 +52,11 @@ def group_size(group=None) -> int:
     return dist.get_world_size(group) if initialized() else 1
 
 
+def group_rank(group=None) -> int:
+    """This process's rank inside `group` (0 without a process group)."""
+    return dist.get_rank(group) if initialized() else 0
+
+
 # ---------------------------------------------------------------- megatron's groups
 
 def tp_group():
