@@ -256,6 +256,18 @@ def test_sft_global_batch_must_split_into_micro_batches(tiny_yaml):
             "(micro_batch_size=2, dp=2) (allowed: 4, 8, 12, ...)") in message
 
 
+def test_gspo_token_budget_must_hold_the_longest_sequence(tiny_yaml):
+    base = ["algorithm.name=gspo", "parallel.tp=1", "data.max_prompt_len=100", "generation.max_new_tokens=128"]
+    for ok in ("0", "227", "4096", "null"):
+        validate(tiny(tiny_yaml, *base, f"train.max_tokens_per_microbatch={ok}"), world_size=1)
+    for bad in ("226", "-1"):
+        message = validate_error(tiny(tiny_yaml, *base, f"train.max_tokens_per_microbatch={bad}"), world_size=1)
+        assert (f"train.max_tokens_per_microbatch={bad} is smaller than the longest sequence "
+                "(data.max_prompt_len+generation.max_new_tokens-1=227)") in message
+    # SFT does not read it
+    validate(tiny(tiny_yaml, "parallel.tp=1", "train.max_tokens_per_microbatch=5"), world_size=1)
+
+
 def test_gspo_rollouts_must_split_into_mini_and_micro_batches(tiny_yaml):
     base = ["algorithm.name=gspo", "parallel.tp=1", "generation.max_new_tokens=128"]
     validate(tiny(tiny_yaml, *base, "algorithm.gspo.n_rollouts=4", "algorithm.gspo.prompts_per_step=2",

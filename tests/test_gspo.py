@@ -4,7 +4,10 @@ Update invariance: one GSPO update (old log-probs, then ppo_epochs x mini_batche
 on a fixed rollout batch must give the same parameters under TP1 (one process, one microbatch per
 mini-batch) and TP2, TP2+SP, DP2 with the distributed optimizer and PP2 (1F1B), each cut into
 microbatches of 3 rows (so filler rows and, under DP2 with group filtering, a rank with nothing but
-filler appear). fp32; tolerance as in the parity harness: Adam eps 1e-4 keeps updates a smooth
+filler appear). The packed path (megagsm.rl.packing: THD microbatches of at most PACK_BUDGET tokens,
+sequences balanced over DP ranks by tokens) must give the same update as that padded reference, in
+one process and at TP2, TP2+SP, DP2, PP2 and (a tiny MoE, against its own padded reference) EP2.
+fp32; tolerance as in the parity harness: Adam eps 1e-4 keeps updates a smooth
 function of the gradient, so 2e-6 on parameters after lr-1e-3 steps is ~500x below one step.
 
 End to end: `run_gspo` with in-process generation on a tiny random model (DP2 and TP2), with a toy
@@ -56,8 +59,10 @@ class Run(NamedTuple):
 
 
 MICRO_BATCH = 3       # padded rows per microbatch at 2 ranks (filler rows appear)
-PACK_BUDGET = 24      # tokens per packed microbatch: the longest sequence (21 tokens) fits, several microbatches
-MOE_CASES = ("gspo", "grpo_token_mean", "on_policy_skip")
+PACK_BUDGET = 32      # tokens per packed microbatch: the longest sequence (21 tokens) fits; several microbatches
+# packed at 2 ranks: each aggregation mode (sequence and token counts); every case runs packed in one process
+PACKED_CASES = ("gspo", "grpo_token_mean", "gspo_token_norm")
+MOE_CASES = ("gspo", "grpo_token_mean")
 
 
 class Case(NamedTuple):
@@ -276,8 +281,8 @@ def launches(tmp_path_factory):
     dp2, pp2 = ParallelConfig(use_distributed_optimizer=True), ParallelConfig(pp=2, use_distributed_optimizer=False)
     layouts = {
         "tp2": Run(tp2), "tp2_sp": Run(sp), "dp2_distopt": Run(dp2), "pp2": Run(pp2),
-        "tp2_packed": Run(tp2, PACK_BUDGET), "tp2_sp_packed": Run(sp, PACK_BUDGET),
-        "dp2_distopt_packed": Run(dp2, PACK_BUDGET), "pp2_packed": Run(pp2, PACK_BUDGET),
+        **{f"{name}_packed": Run(parallel, PACK_BUDGET, cases=PACKED_CASES)
+           for name, parallel in (("tp2", tp2), ("tp2_sp", sp), ("dp2_distopt", dp2), ("pp2", pp2))},
         "ep2_packed": Run(ParallelConfig(ep=2, use_distributed_optimizer=False), PACK_BUDGET, moe=True,
                           cases=MOE_CASES),
     }
@@ -322,7 +327,7 @@ def test_update_is_layout_invariant(launches):
         for name, value in ref["metrics"].items():
             assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (cname, lname, name)
         compared += 1
-    assert compared == len(CASES) * 9 + len(MOE_CASES)
+    assert compared == len(CASES) * 5 + len(PACKED_CASES) * 4 + len(MOE_CASES)
 
 
 def test_microbatch_split_and_filler_rows(launches):

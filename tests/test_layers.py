@@ -132,3 +132,105 @@ def test_layernorm_matches_torch_and_marks_sequence_parallel_params():
 def test_unknown_normalization_names_allowed_values():
     with pytest.raises(ValueError, match="RMSNorm, LayerNorm"):
         Norm(_config(), 32, normalization="L2Norm")
+
+
+# ---------------------------------------------------------------- packed sequences (THD)
+
+def _thd_inputs(lengths, h=4, g=2, dk=8, dv=8, seed=0):
+    """[t, heads, dim] q/k/v of documents of these lengths, and each document alone as [s, 1, heads, dim]."""
+    from megagsm.models.packed_seq import thd_params
+
+    t = sum(lengths)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(t, h, dk, generator=gen), torch.randn(t, g, dk, generator=gen), torch.randn(t, g, dv, generator=gen)
+    return q, k, v, thd_params(lengths)
+
+
+@pytest.mark.parametrize("window", [None, (2, 0)])
+def test_thd_attention_equals_each_document_alone(window):
+    """Per-document causal attention: each document's output is that of the document by itself
+    (the reference formula on [s, 1, heads, dim]), in the [t, heads * dv] layout TE returns."""
+    lengths = [5, 1, 7, 3]
+    attn = _attention(_config(window_size=window) if window else _config())
+    q, k, v, params = _thd_inputs(lengths)
+    out = attn(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (sum(lengths), 4 * 8)
+    start = 0
+    for n in lengths:
+        i = torch.arange(n)
+        allowed = i[None, :] <= i[:, None]
+        if window:
+            allowed &= i[None, :] >= i[:, None] - window[0]
+        sl = slice(start, start + n)
+        ref = _reference(q[sl, None], k[sl, None], v[sl, None], allowed.view(1, 1, n, n), 1 / math.sqrt(8))
+        torch.testing.assert_close(out[sl], ref[:, 0], rtol=1e-5, atol=1e-6)
+        start += n
+
+
+def test_thd_attention_with_mla_head_dims_and_gradients():
+    config = _config(num_query_groups=4)
+    attn = _attention(config, k_channels=12, v_channels=6, softmax_scale=0.3)
+    q, k, v, params = _thd_inputs([3, 4], g=4, dk=12, dv=6)
+    q.requires_grad_(True)
+    out = attn(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (7, 4 * 6)
+    out[:3].sum().backward()
+    assert q.grad[3:].abs().max() == 0 and q.grad[:3].abs().max() > 0  # documents do not see each other
+
+
+def test_thd_attention_refuses_cu_seqlens_that_do_not_cover_the_tokens():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = _attention(_config())
+    q, k, v, params = _thd_inputs([3, 4])
+    short = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32),
+                            cu_seqlens_kv=torch.tensor([0, 3], dtype=torch.int32), max_seqlen_q=3, max_seqlen_kv=3)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        attn(q, k, v, None, packed_seq_params=short)
+    with pytest.raises(ValueError, match="thd"):
+        attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
+
+
+def _te_like(config):
+    from megagsm.testing.te_like_attention import TELikeAttention
+
+    return TELikeAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                           pg_collection=SimpleNamespace(tp=_TP1()))
+
+
+def test_te_like_attention_takes_valid_thd_as_sdpa_does():
+    q, k, v, params = _thd_inputs([5, 2])
+    config = _config()
+    expected = _attention(config)(q, k, v, None, packed_seq_params=params)
+    torch.testing.assert_close(_te_like(config)(q, k, v, None, packed_seq_params=params), expected)
+
+
+def _variant(params, **changes):
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
+
+
+@pytest.mark.parametrize("problem", ["int64", "no_kv", "shape", "max_seqlen_small", "max_seqlen_tensor",
+                                     "four_dims", "format", "device"])
+def test_te_like_attention_refuses_what_te_refuses(problem):
+    q, k, v, params = _thd_inputs([5, 2])
+    cu = params.cu_seqlens_q
+    if problem == "int64":
+        params = _variant(params, cu_seqlens_q=cu.long(), cu_seqlens_kv=cu.long())
+    elif problem == "no_kv":
+        params = _variant(params, cu_seqlens_kv=None)
+    elif problem == "shape":
+        params = _variant(params, cu_seqlens_kv=cu[None])
+    elif problem == "max_seqlen_small":
+        params = _variant(params, max_seqlen_q=4, max_seqlen_kv=4)
+    elif problem == "max_seqlen_tensor":
+        params = _variant(params, max_seqlen_q=torch.tensor(5), max_seqlen_kv=torch.tensor(5))
+    elif problem == "four_dims":
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    elif problem == "device":  # TE's kernels read cu_seqlens on the q/k/v device
+        params = _variant(params, cu_seqlens_q=cu.to("meta"), cu_seqlens_kv=cu.to("meta"))
+    else:
+        params = _variant(params, qkv_format="bshd")
+    with pytest.raises(ValueError, match="TE"):
+        _te_like(_config())(q, k, v, None, packed_seq_params=params)

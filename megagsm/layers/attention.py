@@ -11,8 +11,9 @@ KV-cache decoding (sq == 1) and chunked prefill alike.
 
 Packed sequences (THD, `packed_seq_params.qkv_format == "thd"`): q/k/v arrive as [t, heads, dim]
 (megatron squeezes the batch of one) with the documents' boundaries in `cu_seqlens_q`; each document
-gets its own causal SDPA call (exact, and O(sum of L^2) where one block-diagonal mask would cost
-O(t^2)); the output is [t, heads * dv], the layout transformer-engine returns for THD.
+gets its own causal SDPA call (exact; O(sum of L^2) where one block-diagonal mask costs O(t^2), and
+measured on CPU as fast as one masked call even for rows of four 46-token documents); the output is
+[t, heads * dv], the layout transformer-engine returns for THD.
 """
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ class SDPAttention(MegatronModule):
         causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         dropout_p = self.dropout_p if self.training else 0.0
         enable_gqa = self.heads_per_partition != key.shape[1]
-        q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # [heads, t, dim]
+        # [1, heads, t, dim]: 4-D, as SDPA's fused CPU kernel needs (3-D inputs fall back to its math path)
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
 
         def attend():
             parts = []
@@ -200,9 +202,10 @@ class SDPAttention(MegatronModule):
                 if self.window_size is not None:
                     mask = self._mask(None, attn_mask_type, n, n, query.device)
                 parts.append(F.scaled_dot_product_attention(
-                    q[:, start:end], k[:, start:end], v[:, start:end], attn_mask=mask, dropout_p=dropout_p,
-                    is_causal=causal and mask is None and n > 1, scale=self.softmax_scale, enable_gqa=enable_gqa))
-            return torch.cat(parts, dim=1)                              # [heads, t, dv]
+                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask,
+                    dropout_p=dropout_p, is_causal=causal and mask is None and n > 1, scale=self.softmax_scale,
+                    enable_gqa=enable_gqa))
+            return torch.cat(parts, dim=2)[0]                           # [heads, t, dv]
 
         context = self._with_dropout_rng(attend, dropout_p)
         return context.transpose(0, 1).reshape(t, self.heads_per_partition * self.v_channels)

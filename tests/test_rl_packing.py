@@ -1,0 +1,189 @@
+"""GSPO's packed microbatches in one process: the THD row a microbatch is (tokens, labels, per-document
+positions, cu_seqlens, the scored positions and their [S, R] view), the token budget and one shape
+per mini-batch, the DP placement by tokens, and the loss: packed microbatches give the padded
+mini-batch's loss and gradient for every aggregation mode."""
+import pytest
+import torch
+
+from megagsm.data.packing import first_fit_bins
+from megagsm.rl.balance import assign_by_tokens, exchange
+from megagsm.rl.batching import LABEL_PAD, Rollouts, build_minibatches, compute_advantages
+from megagsm.rl.losses import policy_loss
+from megagsm.rl.packing import Sample, build_packed_minibatches, pack_microbatch, token_budget
+from megagsm.rl.update import LossSpec, microbatch_loss
+
+
+def _rollouts(seed=0, prompts=4, n=4, mini_batches=2, flat=(1,), max_response=12):
+    g = torch.Generator().manual_seed(seed)
+    P, R, LP, K, rewards = [], [], [], [], []
+    for p in range(prompts):
+        prompt = torch.randint(1, 50, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(0, 2, (n,), generator=g).float()
+        r[0], r[1] = 0.0, 1.0
+        if p in flat:
+            r[:] = 1.0
+        for _ in range(n):
+            length = int(torch.randint(1, max_response + 1, (1,), generator=g))
+            R.append(torch.randint(50, 100, (length,), generator=g).tolist())
+            LP.append(-torch.rand(length, generator=g))
+            P.append(prompt)
+            K.append(p * mini_batches // prompts)
+        rewards.append(r)
+    return Rollouts(P, R, torch.cat(rewards), K, n, LP)
+
+
+def test_a_packed_microbatch_is_its_sequences_back_to_back():
+    samples = [Sample([1, 2, 3], [7, 8], 0.5, torch.tensor([-0.1, -0.2])),
+               Sample([4], [9, 10, 11], -1.0, torch.tensor([-0.3, -0.4, -0.5])),
+               Sample([5, 6], [12], 2.0, torch.tensor([-0.6]))]
+    b = pack_microbatch(samples, T=16)
+    # tokens = seq[:-1], labels = seq[1:], per sequence; then one padding document
+    assert b["tokens"][0].tolist() == [1, 2, 3, 7, 4, 9, 10, 5, 6] + [LABEL_PAD] * 7
+    assert b["labels"][0].tolist() == [2, 3, 7, 8, 9, 10, 11, 6, 12] + [LABEL_PAD] * 7
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1] + list(range(7))
+    params = b["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_q.tolist() == [0, 4, 7, 9, 16] and params.cu_seqlens_kv is params.cu_seqlens_q
+    assert params.max_seqlen_q == params.max_seqlen_kv == 7 and isinstance(params.max_seqlen_q, int)
+    # scored: the positions predicting a response token, in packed order
+    scored = b["scored"][0].nonzero().flatten().tolist()
+    assert scored == [2, 3, 4, 5, 6, 8]
+    assert b["labels"][0, scored].tolist() == [7, 8, 9, 10, 11, 12]
+    # the [S, R] view: one row per sequence, response token j in column j
+    assert b["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert b["response_index"].tolist() == [0, 1, 3, 4, 5, 6]
+    assert torch.allclose(b["advantages"], b["response_mask"] * torch.tensor([[0.5], [-1.0], [2.0]]))
+    assert torch.allclose(b["gen_log_prob"].flatten()[b["response_index"]],
+                          torch.tensor([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6]))
+    assert "routing" not in b and "token_mask" not in b
+
+
+def test_a_filler_microbatch_is_one_padding_document_with_nothing_scored():
+    b = pack_microbatch([], T=8)
+    assert b["packed_seq_params"].cu_seqlens_q.tolist() == [0, 8] and not b["scored"].any()
+    assert b["response_mask"].shape == (1, 1) and b["response_mask"].sum() == 0
+    assert b["response_index"].numel() == 0
+
+
+def test_routing_travels_with_its_sequence():
+    routing = [torch.full((n, 2, 2), v, dtype=torch.int16) for n, v in ((4, 5), (3, 6))]
+    samples = [Sample([1, 2, 3], [7, 8], 0.0, routing=routing[0]), Sample([4], [9, 10, 11], 0.0, routing=routing[1])]
+    b = pack_microbatch(samples, T=10, routing_like=routing[0])
+    assert b["routing"].shape == (1, 10, 2, 2) and b["routing"].dtype == torch.int16
+    assert (b["routing"][0, :4] == 5).all() and (b["routing"][0, 4:7] == 6).all()
+    assert b["routing"][0, 7:].tolist() == [[[0, 1]] * 2] * 3  # the padding tail: experts 0..k-1
+    assert b["token_mask"][0].tolist() == [True] * 7 + [False] * 3
+    with pytest.raises(ValueError, match="routing covers 3 tokens, the sequence feeds 4"):
+        pack_microbatch([Sample([1, 2, 3], [7, 8], 0.0, routing=routing[1])], T=8, routing_like=routing[0])
+
+
+def test_packed_minibatches_hold_every_kept_sequence_within_the_budget_at_one_shape():
+    ro = _rollouts(prompts=8, n=4, flat=(2,))
+    adv = compute_advantages(ro, filter_zero_std_groups=True)
+    budget = 40
+    mbs = build_packed_minibatches(ro, adv, 2, budget, multiple=8)
+    for k, mb in enumerate(mbs):
+        kept = [i for i in range(len(ro)) if ro.mini_batch[i] == k and adv.keep[i]]
+        lengths = [len(ro.prompts[i]) + len(ro.responses[i]) - 1 for i in kept]
+        assert mb.local_sequences == mb.global_sequences == len(kept)
+        assert mb.seq_length % 8 == 0 and mb.seq_length <= 40
+        assert len(mb.microbatches) == len(first_fit_bins(lengths, budget, "decreasing")) > 1
+        assert mb.real_tokens == sum(lengths) and mb.computed_tokens == mb.seq_length * len(mb.microbatches)
+        seen = []
+        for b in mb.microbatches:
+            assert b["tokens"].shape == (1, mb.seq_length) and mb.micro_batch_size == 1
+            assert b["packed_seq_params"].cu_seqlens_q[-1] == mb.seq_length
+            assert int((b["tokens"] != LABEL_PAD).sum()) <= budget  # (no real token id is 0 here)
+            responses = b["labels"][0][b["scored"][0]].tolist()
+            lens = b["response_mask"].sum(-1).long().tolist()
+            for n in lens:
+                seen.append(responses[:n])
+                responses = responses[n:]
+        assert sorted(seen) == sorted(ro.responses[i] for i in kept)
+
+
+def test_token_budget():
+    assert token_budget(None, 4, 100, 156, multiple=8) == 1024       # 4 x 256
+    assert token_budget(None, 3, 10, 11, multiple=8) == 64           # 63 rounded up
+    assert token_budget(0, 4, 100, 156, 8) == 0 and token_budget(500, 4, 100, 156, 8) == 500
+
+
+def test_assign_by_tokens_balances_and_moves_only_what_it_must():
+    g = torch.Generator().manual_seed(3)
+    for ranks in (2, 3, 4):
+        for _ in range(20):
+            lengths = [torch.randint(1, 60, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist()
+                       for _ in range(ranks)]
+            plan = assign_by_tokens(lengths)
+            assert sorted(x for p in plan for x in p) == sorted((r, i) for r, row in enumerate(lengths)
+                                                               for i in range(len(row)))
+            loads = [sum(lengths[h][i] for h, i in p) for p in plan]
+            longest = max((n for row in lengths for n in row), default=0)
+            assert max(loads) - min(loads) <= longest, (lengths, plan)
+            assert assign_by_tokens(lengths) == plan  # a pure function: every rank computes the same plan
+    balanced = [[5, 3], [4, 4]]
+    assert assign_by_tokens(balanced) == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
+    assert assign_by_tokens([[10, 10, 10, 10], []]) == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
+    assert exchange([["a", "b"]], [[[(0, 1), (0, 0)]]]) == [["b", "a"]]  # one rank: no communication
+
+
+def _fake_log_probs(table: torch.Tensor, labels: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """A differentiable 'policy': token log-prob = -softplus(table[label, j]) for response token j,
+    the same value for a sequence's token whatever microbatch (and view) holds it."""
+    return -torch.nn.functional.softplus(table[labels, column])
+
+
+def _padded_view(batch, table):
+    mask = batch["response_mask"]
+    column = (mask.cumsum(-1) - 1).clamp(min=0).long()
+    return _fake_log_probs(table, batch["labels"], column) * mask
+
+
+def _packed_view(batch, table):
+    S, R = batch["response_mask"].shape
+    labels = torch.zeros(S * R, dtype=torch.long)
+    labels[batch["response_index"]] = batch["labels"][0][batch["scored"][0]]
+    column = torch.arange(R).expand(S, R)
+    return _fake_log_probs(table, labels.view(S, R), column) * batch["response_mask"]
+
+
+@pytest.mark.parametrize("mode,agg", [("gspo", "seq-mean-token-mean"), ("gspo_token", "seq-mean-token-sum-norm"),
+                                      ("grpo", "token-mean"), ("gspo", "seq-mean-token-sum")])
+@pytest.mark.parametrize("correction", ["none", "tis"])
+def test_packed_microbatches_give_the_padded_loss_and_gradient(mode, agg, correction):
+    """megatron sums the microbatches' loss sums and divides by the summed counts: packed microbatches
+    (any budget) must give policy_loss over the whole padded mini-batch, loss and gradient."""
+    ro = _rollouts(seed=1, prompts=4, n=4, mini_batches=1, flat=(2,))
+    adv = compute_advantages(ro, filter_zero_std_groups=True)
+    spec = LossSpec(mode=mode, clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg, norm=12.0,
+                    rollout_correction=correction, rollout_correction_threshold=1.5)
+    g = torch.Generator().manual_seed(5)
+    # float64: the comparison measures the composition, not fp32 summation order
+    base, old_table = (torch.randn(100, 12, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def total(batches, view):
+        table = base.clone().requires_grad_(True)
+        loss_sum, count = 0.0, 0
+        for batch in batches:
+            batch = dict(batch, old_log_prob=view(batch, old_table))
+            loss, n, _ = microbatch_loss(view(batch, table), batch, spec)
+            loss_sum, count = loss_sum + loss, count + int(n)
+        (loss_sum / count).backward()
+        return (loss_sum / count).item(), table.grad
+
+    (padded,) = build_minibatches(ro, adv, 1, micro_batch_size=len(ro))
+    ref_loss, ref_grad = total(padded.microbatches, _padded_view)
+    assert ref_grad.abs().sum() > 0
+    for budget in (20, 33, 64, 400):
+        (packed,) = build_packed_minibatches(ro, adv, 1, budget, multiple=8)
+        loss, grad = total(packed.microbatches, _packed_view)
+        assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-9), budget
+        assert torch.allclose(grad, ref_grad, atol=1e-7), budget
+    # the independent truth for the whole mini-batch: policy_loss on the padded rows
+    full = padded.microbatches[0]
+    if correction == "none":
+        keep = full["response_mask"].sum(-1) > 0
+        truth, _ = policy_loss(_padded_view(full, base)[keep], _padded_view(full, old_table)[keep],
+                               full["advantages"][keep], full["response_mask"][keep], mode=mode,
+                               clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg, norm=12.0)
+        assert ref_loss == pytest.approx(truth.item(), rel=1e-6, abs=1e-9)
