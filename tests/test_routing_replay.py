@@ -15,6 +15,8 @@ One 2-rank launch (tiny Qwen3-MoE, 8 experts top-2, EP=2, bf16 on CPU, from HF w
 - every family at its layouts (Qwen2-MoE at EP1 = DP2, DeepSeek-V3 at EP2, Qwen3-MoE and DeepSeek-V2
   at TP2 x EP2 with sequence parallelism, where each router sees half the sequence), fp32: r3
   dispatches exactly the rollout's experts, and routing by itself agrees with them;
+- each of these in GSPO's default packed microbatches (THD, sequences re-placed over DP ranks by
+  tokens, their routing travelling with them) and in padded rows;
 - a 2-step GSPO run with routing_replay=r3 rollout_correction=tis logs router_match_rate 1.0 and
   rollout_is_weight_mean every step; a recompute=full run replays in the backward too (megatron's
   REPLAY_BACKWARD is used, and the run is the same).
@@ -179,18 +181,23 @@ def _rollout_maps(batch, num_experts):
 
 
 def _score_both_ways(trainer, gspo):
-    """One step's rollouts, scored routing by itself and replaying the rollout's routing."""
+    """One step's rollouts, scored routing by itself and replaying the rollout's routing, in the
+    packed microbatches GSPO trains on by default and in padded rows ("padded_" keys)."""
     from megagsm.rl.batching import build_minibatches, compute_advantages
-    from megagsm.rl.routing_replay import RoutingPass, real_positions, routing_metrics
+    from megagsm.rl.routing_replay import RoutingPass, routing_metrics, token_positions
     from megagsm.rl.update import compute_log_probs
 
     rollouts, _ = gspo.collect_rollouts(0)
-    minibatches = build_minibatches(rollouts, compute_advantages(rollouts), gspo.gspo.mini_batches,
-                                    trainer.cfg.train.micro_batch_size, gspo.multiple)
+    advantages = compute_advantages(rollouts)
+    builds = {"": gspo.minibatches(rollouts, advantages),
+              "padded_": build_minibatches(rollouts, advantages, gspo.gspo.mini_batches,
+                                           trainer.cfg.train.micro_batch_size, gspo.multiple)}
+    assert "packed_seq_params" in builds[""][0].microbatches[0]
     out = {"sequences": len(rollouts), "bytes": sum(r.numel() for r in rollouts.routing),
            "lengths_ok": all(r.shape[0] == len(p) + len(s) - 1
                              for r, p, s in zip(rollouts.routing, rollouts.prompts, rollouts.responses))}
-    for name, key in (("natural", None), ("replayed", "routing")):
+    for (name, key), (prefix, minibatches) in [(way, build) for way in (("natural", None), ("replayed", "routing"))
+                                               for build in builds.items()]:
         maps, handles = _dispatch_hooks(gspo.routing)
         passing = RoutingPass(gspo.routing, replay_key=key, count_matches=True)
         try:
@@ -203,12 +210,12 @@ def _score_both_ways(trainer, gspo):
         micro = [b for mb in minibatches for b in mb.microbatches]
         for j, batch in enumerate(micro):
             used = torch.stack([maps[i][j].cpu() for i in range(len(maps))], dim=1)
-            real = _sequence_chunk(real_positions(batch["response_mask"]).transpose(0, 1)).reshape(-1).cpu()
+            real = _sequence_chunk(token_positions(batch).transpose(0, 1)).reshape(-1).cpu()
             agree = (used == _rollout_maps(batch, gspo.routing.num_experts)).all(-1)[real]
             same, total = same + int(agree.sum()), total + agree.numel()
         metrics = old.metrics.reduce(["logprob_diff_gen"])
         metrics.update(routing_metrics(old.routing_counts, rollouts.routing))
-        out[name] = {"dispatched_same": same, "dispatched_total": total, **metrics}
+        out[prefix + name] = {"dispatched_same": same, "dispatched_total": total, **metrics}
     return out
 
 
@@ -283,45 +290,49 @@ def launch(tmp_path_factory):
 
 
 @pytest.mark.multirank
-def test_r3_dispatches_exactly_the_rollout_experts_in_bf16(launch):
+@pytest.mark.parametrize("build", ["", "padded_"])
+def test_r3_dispatches_exactly_the_rollout_experts_in_bf16(launch, build):
     for rank in launch:
         run = rank["bf16"]
         assert run["lengths_ok"]
-        replayed = run["replayed"]
+        replayed = run[build + "replayed"]
         assert replayed["dispatched_total"] > 0
         assert replayed["dispatched_same"] == replayed["dispatched_total"]
     # routing by itself, bf16 drift gives some tokens other experts
-    natural = [rank["bf16"]["natural"] for rank in launch]
+    natural = [rank["bf16"][build + "natural"] for rank in launch]
     assert sum(n["dispatched_same"] for n in natural) < sum(n["dispatched_total"] for n in natural)
     r = launch[0]["bf16"]
-    assert r["replayed"]["router_match_rate"] == 1.0
-    assert r["natural"]["router_match_rate"] < 1.0
+    replayed, natural = r[build + "replayed"], r[build + "natural"]
+    assert replayed["router_match_rate"] == 1.0
+    assert natural["router_match_rate"] < 1.0
     # with replay on, what the routers would choose by themselves still shows the drift
-    assert r["replayed"]["router_natural_match_rate"] < 1.0
-    assert r["natural"]["router_natural_match_rate"] == r["natural"]["router_match_rate"]
-    assert r["replayed"]["logprob_diff_gen"] < r["natural"]["logprob_diff_gen"]
-    assert r["replayed"]["routing_replay_bytes"] == sum(rank["bf16"]["bytes"] for rank in launch)
+    assert replayed["router_natural_match_rate"] < 1.0
+    assert natural["router_natural_match_rate"] == natural["router_match_rate"]
+    assert replayed["logprob_diff_gen"] < natural["logprob_diff_gen"]
+    assert replayed["routing_replay_bytes"] == sum(rank["bf16"]["bytes"] for rank in launch)
 
 
 @pytest.mark.multirank
-def test_rollout_token_order_matches_the_microbatch_layout_in_fp32(launch):
-    natural = launch[0]["fp32"]["natural"]
+@pytest.mark.parametrize("build", ["", "padded_"])
+def test_rollout_token_order_matches_the_microbatch_layout_in_fp32(launch, build):
+    natural = launch[0]["fp32"][build + "natural"]
     assert natural["router_match_rate"] > 0.97, natural
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("build", ["", "padded_"])
 @pytest.mark.parametrize("case", list(FAMILY_LAYOUTS))
-def test_every_family_and_layout_replays_the_rollout_routing(launch, case):
+def test_every_family_and_layout_replays_the_rollout_routing(launch, case, build):
     for rank in launch:
         run = rank[case]
         assert run["lengths_ok"]
         for name in ("natural", "replayed"):
-            assert run[name]["dispatched_total"] > 0
-        assert run["replayed"]["dispatched_same"] == run["replayed"]["dispatched_total"]
+            assert run[build + name]["dispatched_total"] > 0
+        assert run[build + "replayed"]["dispatched_same"] == run[build + "replayed"]["dispatched_total"]
     r = launch[0][case]
-    assert r["replayed"]["router_match_rate"] == 1.0
+    assert r[build + "replayed"]["router_match_rate"] == 1.0
     # fp32, well-separated routers: routing by itself agrees with the rollout (the token order is right)
-    assert r["natural"]["router_match_rate"] > 0.97, r
+    assert r[build + "natural"]["router_match_rate"] > 0.97, r
 
 
 @pytest.mark.multirank

@@ -10,7 +10,12 @@ padding or is arbitrary), and `model.attention_backend`.
 - SFT packing keeps documents apart with a dense mask under the layers' causal type: megagsm's SDPA
   attention gives each packed document the per-token losses it has alone (the truth: each document
   run by itself); the TE-like attention does not, and packing is refused there with a clear error.
+- THD packing (GSPO's microbatches): one forward of sequences packed with `packed_seq_params` gives
+  each sequence the logits it has alone, for dense, Gemma and MLA families, with SDPA and TE-like
+  attention (which also holds the THD input to TE's asserts: int32 cu_seqlens, shapes, max_seqlen).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -44,6 +49,40 @@ def _per_document_losses(model, packed: bool) -> list[torch.Tensor]:
         n = len(s["input_ids"])
         out.append(loss[start:start + n])
         start += n
+    return out
+
+
+THD_FAMILIES = ("qwen2", "gemma", "deepseek_v2", "deepseek_v3")  # dense, (1+w) norms, MLA + YaRN + MoE
+THD_ATOL = 1e-6
+
+
+def _thd_errors(families) -> dict:
+    """Per family (random weights, fp32): max |logit| difference between one THD forward of four
+    sequences packed with a padding tail and a forward of each sequence alone (the truth); with the
+    TE-like attention too for the dense family."""
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.models.packed_seq import document_positions, thd_params
+    from megagsm.models.provider import build_model_from_hf_config
+    from megagsm.testing.te_like_attention import te_like_spec
+    from megagsm.testing.tiny_hf import tiny_config
+    from megagsm.testing.tiny_moe import MOE_CASES
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 250, (n,), generator=g) for n in (7, 3, 12, 1)]
+    docs = [len(s) for s in seqs] + [9]
+    tokens = torch.cat(seqs + [torch.zeros(9, dtype=torch.long)])[None]
+    out = {}
+    for name in (*families, "qwen2_te_like"):
+        family = name.removesuffix("_te_like")
+        model_type, over = MOE_CASES.get(family, (family, {}))
+        torch.manual_seed(0)
+        with te_like_spec() if name.endswith("_te_like") else contextlib.nullcontext():
+            model = build_model_from_hf_config(tiny_config(model_type, **over).to_dict(), ParallelConfig())[0]
+        model.eval()
+        with torch.no_grad():
+            packed = model(tokens, document_positions(docs)[None], None, packed_seq_params=thd_params(docs))[0]
+            alone = torch.cat([model(s[None], torch.arange(len(s))[None], None)[0] for s in seqs])
+        out[name] = (packed[:len(alone)] - alone).abs().max().item()
     return out
 
 
@@ -114,6 +153,7 @@ def _launch(work_dir):
     finally:
         spec.HAVE_TE = saved
     out["names"] = (SDPAttention.__name__, TELikeAttention.__name__)
+    out["thd"] = _thd_errors(THD_FAMILIES)
     return out
 
 
@@ -146,6 +186,16 @@ def test_packed_losses_equal_unpacked_or_packing_is_refused(launch):
     # ...so packing is refused, naming the fields
     refusal = launch["te_like_packing_refused"]
     assert refusal is not None and "data.pack_sequences" in refusal and "model.attention_backend=sdpa" in refusal
+
+
+@pytest.mark.multirank
+def test_one_thd_forward_of_packed_sequences_equals_each_sequence_alone(launch):
+    """GSPO's packed microbatches (megagsm.rl.packing) rely on it: per-document attention and RoPE
+    positions restarting per sequence, for dense, Gemma and MLA (DeepSeek V2/V3) models, under
+    megagsm's SDPA attention and under TE's THD rules."""
+    assert set(launch["thd"]) == {*THD_FAMILIES, "qwen2_te_like"}
+    for family, err in launch["thd"].items():
+        assert err < THD_ATOL, (family, err)
 
 
 @pytest.mark.multirank
