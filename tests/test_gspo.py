@@ -396,7 +396,8 @@ def test_run_gspo_end_to_end(launches):
     for row in rows[1:]:
         for key in ("reward_mean", "reward_std", "rollout_accuracy", "response_length", "pg_clipfrac",
                     "approx_kl_k3", "entropy", "time_generate", "time_score", "time_logprob", "time_update",
-                    "tokens_per_s", "gen_tokens_per_s", "zero_std_groups", "loss", "grad_norm"):
+                    "tokens_per_s", "gen_tokens_per_s", "zero_std_groups", "loss", "grad_norm",
+                    "padded_token_fraction"):
             assert key in row and math.isfinite(row[key]), key
         assert row["updates"] >= 1  # the toy reward gives mixed groups
         # the sampler's log-probs and the recomputed ones agree to float rounding
