@@ -60,8 +60,9 @@ class Run(NamedTuple):
 
 MICRO_BATCH = 3       # padded rows per microbatch at 2 ranks (filler rows appear)
 PACK_BUDGET = 32      # tokens per packed microbatch: the longest sequence (21 tokens) fits; several microbatches
-# packed at 2 ranks: each aggregation mode (sequence and token counts); every case runs packed in one process
-PACKED_CASES = ("gspo", "grpo_token_mean", "gspo_token_norm")
+# packed at 2 ranks: a sequence count (2 mini-batches x 2 epochs, filtered groups: a DP rank that
+# placement leaves empty) and a token count; every case runs packed in one process
+PACKED_CASES = ("gspo", "grpo_token_mean")
 MOE_CASES = ("gspo", "grpo_token_mean")
 
 

@@ -1,4 +1,5 @@
-"""Rollouts -> training microbatches: ``[b, T]`` tensors with response masks and per-token advantages.
+"""Rollouts -> padded training microbatches: ``[b, T]`` tensors with response masks and per-token
+advantages (``train.max_tokens_per_microbatch=0``; GSPO packs by default: megagsm.rl.packing).
 
 A sequence is its prompt followed by its response. The model sees ``tokens = seq[:-1]`` and predicts
 ``labels = seq[1:]``: position ``t`` holds ``log pi(seq[t+1] | seq[:t+1])``, so response token ``j``

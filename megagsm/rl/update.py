@@ -8,8 +8,9 @@ of a mini-batch (seq-mean-token-mean: ``loss_i`` is sequence ``i``'s token mean)
 returns ``sum_i loss_i`` over its sequences (``policy_loss(..., num_seqs=1)``) with ``count`` = its
 number of sequences; token-mean returns the token sum with ``count`` = its tokens. The result is the
 exact global mean whatever the split into microbatches, DP ranks or pipeline stages, and a sequence's
-own mean never crosses a microbatch (rows are whole sequences; context parallelism, which would split
-them, is rejected by the trainer).
+own mean never crosses a microbatch (a padded row, or a row of a packed microbatch's [S, R] response
+view, megagsm.rl.packing, is one whole sequence; context parallelism, which would split them, is
+rejected by the trainer).
 
 Nothing is written into the microbatches: each microbatch's loss function returns its log-probs and
 metric sums in megatron's per-microbatch report, the schedule hands the reports back (last pipeline
