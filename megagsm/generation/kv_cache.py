@@ -111,9 +111,12 @@ def check_fits(model, max_batch: int, max_seq: int, dtype: torch.dtype, device: 
 
 class KVCache(StaticInferenceContext):
     """A StaticInferenceContext whose buffers exist before the first forward (size them with
-    check_fits first: allocation itself does not check)."""
+    check_fits first: allocation itself does not check). zeroed: the buffers start as zeros, for
+    attention over columns a row has not written (per-row decoding masks them, but a masked score
+    still multiplies its value: garbage NaN/Inf in never-written memory would reach the output)."""
 
-    def __init__(self, model, max_batch: int, max_seq: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, max_batch: int, max_seq: int, dtype: torch.dtype, device: torch.device,
+                 zeroed: bool = False):
         super().__init__(max_batch_size=max_batch, max_sequence_length=max_seq)
         self.shape = cache_shape(model, dtype)
         self.nbytes = self.shape.bytes(max_batch, max_seq)
@@ -128,7 +131,8 @@ class KVCache(StaticInferenceContext):
             # megatron indexes [seq, batch, groups, dim]; stored batch-major underneath so that one
             # row's keys are contiguous for the attention matmuls and row moves copy whole blocks
             groups = attn.num_query_groups_per_partition
-            return torch.empty(max_batch, groups, max_seq, dim, dtype=dtype, device=device).permute(
+            alloc = torch.zeros if zeroed else torch.empty
+            return alloc(max_batch, groups, max_seq, dim, dtype=dtype, device=device).permute(
                 2, 0, 1, 3
             )
 

@@ -136,7 +136,8 @@ class _Refill(_Generation):
         problem = check_fits(self.model, self.rows, width, self.dtype, self.device, extra_bytes=logits_bytes,
                              budget_bytes=self.kv_cache_bytes)
         self._fail_together(problem)
-        cache = KVCache(self.model, max_batch=self.rows, max_seq=width, dtype=self.dtype, device=self.device)
+        cache = KVCache(self.model, max_batch=self.rows, max_seq=width, dtype=self.dtype, device=self.device,
+                        zeroed=True)
         try:
             with rope_once(self.model, cache):
                 self._loop(cache)
