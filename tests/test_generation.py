@@ -316,6 +316,21 @@ def test_sampler_distributions():
         assert (freq[target == 0] == 0).all()
 
 
+def test_sampler_forced_tokens_and_their_logprobs():
+    """response_lengths forces a token: emitted where force >= 0, with the raw (greedy, "raw") or tempered
+    log-prob of that token; the other rows keep what the unforced draw gives (the generator advances alike)."""
+    logits = _logits(b=4, v=12, seed=6)
+    force = torch.tensor([-1, 3, -1, 0])
+    for params, scale in ((SamplingParams(greedy=True), 1.0), (SamplingParams(temperature=0.5, seed=2), 1.0),
+                          (SamplingParams(temperature=0.5, top_k=3, logprobs="tempered", seed=2), 0.5)):
+        free, free_lp = Sampler(params, torch.device("cpu"))(logits)
+        tokens, lp = Sampler(params, torch.device("cpu"))(logits, force)
+        assert tokens.tolist() == [free[0], 3, free[2], 0]
+        expected = torch.log_softmax(logits / scale, -1)
+        assert torch.allclose(lp[[1, 3]], expected[[1, 3], [3, 0]])
+        assert torch.equal(lp[[0, 2]], free_lp[[0, 2]])
+
+
 def test_processed_logprobs_are_the_sampling_distribution():
     logits = _logits(b=1, v=12, seed=4)
     params = SamplingParams(temperature=0.5, top_k=4, logprobs="processed", seed=0)

@@ -127,8 +127,8 @@ class _Refill(_Generation):
         self.lengths = torch.zeros(N, dtype=torch.long)
         self.reasons = [FINISH_LENGTH] * N
         if P == 0:  # nothing here; under expert parallelism this rank still serves the others
-            self._fail_together(None)
             if self.lockstep:
+                self._fail_together(None)
                 self._loop(None)
             return self._output(n)
         width = max(len(q) for q in self.prompts) + T
