@@ -36,6 +36,8 @@ def parse_args(argv=None):
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="0: greedy (no torch.multinomial, whose CPU cost per row rivals the forward's)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -70,7 +72,7 @@ def main(argv=None):
                                                              generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
     lengths = skewed_lengths(args.prompts * args.n, args.new_tokens, args.seed)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, n=args.n, seed=args.seed,
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, n=args.n, seed=args.seed,
                             stop_token_ids=[2])
     paths = {"static": generate_batched, "refilled": generate_refilled}
     best = {name: float("inf") for name in paths}
@@ -87,6 +89,7 @@ def main(argv=None):
     sorted_lengths = sorted(lengths)
     print(json.dumps({
         "bench": "refill", "prompts": args.prompts, "n": args.n, "new_tokens": args.new_tokens,
+        "temperature": args.temperature,
         "batch": args.batch, "model": f"qwen2-shaped h{args.hidden} L{args.layers} vocab8192 fp32",
         "median_length": sorted_lengths[len(lengths) // 2],
         "at_cap_fraction": round(sum(n == args.new_tokens for n in lengths) / len(lengths), 3),

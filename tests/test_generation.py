@@ -1,7 +1,8 @@
 """The generation engine: greedy parity with transformers `generate` (dense Qwen2 and Qwen3-MoE, taken
 through megagsm's converter), log-probs against a fresh full forward, sampling controls, stopping,
 batch compaction, memory errors, train<->generate switching, at one process and at TP2, TP2+SP, PP2,
-DP2, and for the MoE at EP2 and TP2xEP2.
+DP2, and for the MoE at EP2 and TP2xEP2. Refilled generation (generate_refilled: fewer cache rows than
+sequences, forced lengths, static decode shapes, routing recording, lockstep) runs in the same launches.
 
 Two launches cover every multi-process case (a launch costs seconds): one single-process rank, one
 pair of ranks that rebuilds parallel_state per layout. The rest are in-process unit tests.
