@@ -1,7 +1,8 @@
 """GPU checks (`make gpu-check`, marker `gpu`): skipped where CUDA is absent, so the CPU suite only
 collects them. One process on one GPU, NCCL, the local layer spec (no transformer-engine there):
 greedy parity with transformers in fp32 and bf16 (fp32 also refilled, with and without CUDA graphs),
-one bf16 training step, NCCL collectives on the runtime's groups, and the KV-cache budget after a training step (caching-allocator memory counted).
+one bf16 training step, NCCL collectives on the runtime's groups, and the KV-cache budget after a
+training step (caching-allocator memory counted).
 
 bf16 parity: two implementations round differently, so token-for-token equality is not a contract.
 What is: at every position megagsm's greedy token is one transformers (bf16, teacher-forced on
