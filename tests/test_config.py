@@ -234,6 +234,27 @@ def test_expert_parallel_rules(tiny_yaml):
     assert "parallel.etp*ep*pp (2*2*1)=4 does not divide world_size=2" in message
 
 
+def test_cuda_graph_rules(tiny_yaml, monkeypatch):
+    """generation.cuda_graphs: refilled generation of a dense model on one pipeline stage; the device
+    is checked on the real launch only (a recipe may be printed on a machine without the GPU)."""
+    import torch
+
+    assert RunConfig().generation.continuous_batching and not RunConfig().generation.cuda_graphs
+    on = "generation.cuda_graphs=true"
+    validate(tiny(tiny_yaml, on), world_size=2)
+    message = validate_error(tiny(tiny_yaml, on, "generation.continuous_batching=false", "parallel.pp=2",
+                                  "model.num_experts=4"), world_size=4)
+    for part in ("generation.cuda_graphs=true needs generation.continuous_batching=true",
+                 "generation.cuda_graphs=true needs parallel.pp=1 (got 2", "needs a dense model"):
+        assert part in message, (part, message)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^generation.cuda_graphs=true needs a CUDA device .*set it false$"):
+        validate(tiny(tiny_yaml, on), world_size=2, launched=True)
+    validate(tiny(tiny_yaml, "generation.continuous_batching=false"), world_size=2, launched=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(tiny(tiny_yaml, on), world_size=2, launched=True)
+
+
 def test_nonpositive_parallel_size(tiny_yaml):
     message = validate_error(tiny(tiny_yaml, "parallel.cp=0"), world_size=2)
     assert "parallel.cp=0 must be >= 1" in message

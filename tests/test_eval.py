@@ -26,7 +26,7 @@ class _Tokenizer:
 
 
 def _fake_generation(responses):
-    """generate_batched stand-in: the responses of prompt j are responses[j] (n of them)."""
+    """generate_many stand-in: the responses of prompt j are responses[j] (n of them)."""
 
     def generate(chunks, prompts, params, tokenizer, **kwargs):
         assert len(prompts) == len(responses) and all(len(r) == params.n for r in responses)
@@ -38,7 +38,7 @@ def _fake_generation(responses):
 def _evaluate(monkeypatch, examples, responses, n, reward="auto"):
     import megagsm.eval.core as core
 
-    monkeypatch.setattr(core, "generate_batched", _fake_generation(responses))
+    monkeypatch.setattr(core, "generate_many", _fake_generation(responses))
     scorer = scorer_for(reward, "strict", [e.data_source for e in examples])
     return evaluate_model([None], examples, _Tokenizer(), scorer, EvalSampling(n=n, temperature=0.7),
                           template="bare", max_prompt_len=64, keep_samples=True)

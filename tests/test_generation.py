@@ -1,7 +1,8 @@
 """The generation engine: greedy parity with transformers `generate` (dense Qwen2 and Qwen3-MoE, taken
 through megagsm's converter), log-probs against a fresh full forward, sampling controls, stopping,
 batch compaction, memory errors, train<->generate switching, at one process and at TP2, TP2+SP, PP2,
-DP2, and for the MoE at EP2 and TP2xEP2.
+DP2, and for the MoE at EP2 and TP2xEP2. Refilled generation (generate_refilled: fewer cache rows than
+sequences, forced lengths, static decode shapes, routing recording, lockstep) runs in the same launches.
 
 Two launches cover every multi-process case (a launch costs seconds): one single-process rank, one
 pair of ranks that rebuilds parallel_state per layout. The rest are in-process unit tests.
@@ -106,6 +107,58 @@ def test_kv_cache_too_large_names_the_numbers(single):
         assert part in msg, (part, msg)
 
 
+def _forced(greedy, stop, lengths):
+    """What response_lengths make of greedy completions: cut after the first stop token, or after
+    `length` tokens with the last one replaced by the stop token."""
+    return [_cut_after(g, stop) if stop in g[:n] else g[: n - 1] + [stop] for g, n in zip(greedy, lengths)]
+
+
+@pytest.mark.multirank
+def test_refilled_generation_matches_transformers_and_the_static_path(single):
+    """generate_refilled with fewer cache rows than sequences: greedy parity, log-probs against a
+    fresh forward, forced long-tailed lengths (rows end at different steps and are refilled)."""
+    assert single["refill_greedy"] == single["hf"]
+    assert single["refill_greedy_lp_err"] < LP_ATOL
+    assert single["refill_prompt_index"] == list(range(len(cases.PROMPT_LENGTHS)))
+    stop = single["eos_id"]
+    expected = _forced(single["greedy_left"], stop, cases.FORCED_LENGTHS)
+    assert single["refill_forced"] == expected
+    assert single["static_forced"] == expected
+    assert single["refill_forced_reasons"] == single["static_forced_reasons"] == ["eos"] * len(expected)
+    assert len(expected[0]) == 5 < cases.FORCED_LENGTHS[0]  # its own stop token came first
+    assert single["refill_forced_lp_err"] < LP_ATOL
+    # stop strings: the same texts and reasons as the static path
+    assert single["refill_stop_texts"] == single["stop_texts"]
+    assert single["refill_stop_reasons"] == single["stop_reasons"]
+    msg = single["refill_too_large"]
+    assert msg is not None and "batch 2 x 25 positions" in msg and "kv_cache_bytes" in msg
+
+
+@pytest.mark.multirank
+def test_refilled_static_decode_shapes(single):
+    """cuda_graphs=True (static shapes; captured only on CUDA): one decode shape, 3 rows x 25 columns,
+    the same tokens and log-probs as the eager refilled path (whose shapes vary step to step)."""
+    assert single["static_shape_set"] == [((3, 1), (3, 1, 1, 25), (3,))]
+    assert single["eager_shape_count"] > 1
+    assert single["static_shape_completions"] == single["refill_forced"]
+    assert single["static_shape_lp_diff"] < LP_ATOL
+
+
+@pytest.mark.multirank
+def test_refilled_sampling_is_reproducible(single):
+    assert single["refill_sample_same_seed_equal"]
+    assert single["refill_sample_lp_err"] < LP_ATOL
+    assert single["refill_sample_prompt_index"] == [i // 3 for i in range(3 * len(cases.PROMPT_LENGTHS))]
+
+
+@pytest.mark.multirank
+def test_refilled_moe_routing_per_sequence(single):
+    """Rows move and refill: each sequence's recorded routing still equals the static path's."""
+    assert single["moe_refill_completions"] == single["moe_refill_static_completions"]
+    assert single["moe_refill_routing_shapes_ok"]
+    assert single["moe_refill_routing_equal"]
+
+
 @pytest.mark.multirank
 def test_train_generate_switch_shares_weights(single):
     assert single["train_mode_restored"]
@@ -142,6 +195,12 @@ def test_model_parallel_layouts(single, pair, layout):
         assert result[f"{layout}_greedy_lp_err"] < LP_ATOL
         assert result[f"{layout}_sample_lp_err"] < LP_ATOL
         assert result[f"{layout}_sample_reproducible"]
+        assert result[f"{layout}_refill_greedy"] == single["hf"], (layout, rank)
+        assert result[f"{layout}_refill_sample_lp_err"] < LP_ATOL
+        assert result[f"{layout}_refill_sample_reproducible"]
+    assert pair[0][f"{layout}_refill_sample"] == pair[1][f"{layout}_refill_sample"]
+    if layout == "tp2_sp":
+        assert all(result["tp2_sp_static_shape_greedy"] == single["hf"] for result in pair)
     if layout != "pp2":
         assert all(result[f"{layout}_train_after_generate"] for result in pair)
     # both ranks of the model-parallel group return the same (broadcast) samples
@@ -152,12 +211,16 @@ def test_model_parallel_layouts(single, pair, layout):
 def test_kv_cache_too_large_on_one_rank_stops_the_group(pair):
     assert "batch 6 x 25 positions" in pair[0]["tp2_too_large"]
     assert pair[1]["tp2_too_large"].startswith("on rank 0: the KV cache")
+    # refilled: rank 1's budget fails this time
+    assert "batch 2 x 25 positions" in pair[1]["tp2_refill_too_large"]
+    assert pair[0]["tp2_refill_too_large"].startswith("on rank 1: the KV cache")
 
 
 @pytest.mark.multirank
 def test_data_parallel_ranks_generate_their_own_prompts(single, pair):
     for rank, result in enumerate(pair):
         assert result["dp2_greedy"] == single["hf"][rank::2]
+        assert result["dp2_refill_greedy"] == single["hf"][rank::2]
         assert result["dp2_greedy_lp_err"] < LP_ATOL
         assert result["dp2_sample_lp_err"] < LP_ATOL
 
@@ -180,6 +243,12 @@ def test_expert_parallel_lockstep(single, pair):
             assert result[f"{name}_train_after_generate"], name
     assert pair[0]["ep2_empty_rank_lengths"] == [4, 4, 4]
     assert pair[1]["ep2_empty_rank_lengths"] == []
+    assert pair[0]["ep2_refill_empty_rank_lengths"] == [4, 4, 4]
+    assert pair[1]["ep2_refill_empty_rank_lengths"] == []
+    # refilled in lockstep (one cache row per rank: rank 0 refills twice while rank 1 waits)
+    assert pair[0]["ep2_refill_eos_completions"] + pair[1]["ep2_refill_eos_completions"] == expected
+    for result in pair:
+        assert result["tp2ep2_refill_eos_completions"] == expected
     for result in pair:  # batched into groups of 2 prompts / chunked prefill: same completions
         assert result["ep2_batched_completions"] == result["ep2_eos_completions"]
         assert result["ep2_batched_prompt_index"] == list(range(len(result["ep2_eos_completions"])))
@@ -246,6 +315,21 @@ def test_sampler_distributions():
         sigma = (target * (1 - target) / 4000).sqrt()
         assert ((freq - target).abs() <= 4 * sigma + 1e-9).all(), (params, freq, target)
         assert (freq[target == 0] == 0).all()
+
+
+def test_sampler_forced_tokens_and_their_logprobs():
+    """response_lengths forces a token: emitted where force >= 0, with the raw (greedy, "raw") or tempered
+    log-prob of that token; the other rows keep what the unforced draw gives (the generator advances alike)."""
+    logits = _logits(b=4, v=12, seed=6)
+    force = torch.tensor([-1, 3, -1, 0])
+    for params, scale in ((SamplingParams(greedy=True), 1.0), (SamplingParams(temperature=0.5, seed=2), 1.0),
+                          (SamplingParams(temperature=0.5, top_k=3, logprobs="tempered", seed=2), 0.5)):
+        free, free_lp = Sampler(params, torch.device("cpu"))(logits)
+        tokens, lp = Sampler(params, torch.device("cpu"))(logits, force)
+        assert tokens.tolist() == [free[0], 3, free[2], 0]
+        expected = torch.log_softmax(logits / scale, -1)
+        assert torch.allclose(lp[[1, 3]], expected[[1, 3], [3, 0]])
+        assert torch.equal(lp[[0, 2]], free_lp[[0, 2]])
 
 
 def test_processed_logprobs_are_the_sampling_distribution():

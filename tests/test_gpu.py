@@ -1,7 +1,8 @@
 """GPU checks (`make gpu-check`, marker `gpu`): skipped where CUDA is absent, so the CPU suite only
 collects them. One process on one GPU, NCCL, the local layer spec (no transformer-engine there):
-greedy parity with transformers in fp32 and bf16, one bf16 training step, NCCL collectives on the
-runtime's groups, and the KV-cache budget after a training step (caching-allocator memory counted).
+greedy parity with transformers in fp32 and bf16 (fp32 also refilled, with and without CUDA graphs),
+one bf16 training step, NCCL collectives on the runtime's groups, and the KV-cache budget after a
+training step (caching-allocator memory counted).
 
 bf16 parity: two implementations round differently, so token-for-token equality is not a contract.
 What is: at every position megagsm's greedy token is one transformers (bf16, teacher-forced on
@@ -47,7 +48,7 @@ def _gpu_cases(work_dir: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.generation import SamplingParams, generate
+    from megagsm.generation import SamplingParams, generate, generate_refilled
     from megagsm.generation.kv_cache import free_memory_bytes
     from megagsm.runtime import init_runtime
     from megagsm.testing.generation_cases import dense_hf, prompts
@@ -80,6 +81,13 @@ def _gpu_cases(work_dir: str) -> dict:
     out["hf_fp32"] = _hf_greedy(hf32, ps_, device)
     model, vocab = load_converted(mcore, ParallelConfig(), torch.float32)
     out["megagsm_fp32"] = generate(model, ps_, greedy, vocab_limit=vocab).completions()
+    # refilled generation (2 cache rows for 6 prompts), eagerly and replaying a captured CUDA graph
+    for name, graphs in (("refill_fp32", False), ("refill_graphs_fp32", True)):
+        try:
+            out[name] = generate_refilled(model, ps_, greedy, vocab_limit=vocab, max_batch_size=2,
+                                          cuda_graphs=graphs).completions()
+        except Exception as e:  # noqa: BLE001  (reported by the test)
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     del model
     hf16 = hf.to(dtype=torch.bfloat16)
     model16, vocab = load_converted(mcore, ParallelConfig(), torch.bfloat16)
@@ -139,6 +147,11 @@ def test_runs_on_the_gpu(gpu):
 
 def test_greedy_parity_with_transformers_fp32(gpu):
     assert gpu["megagsm_fp32"] == gpu["hf_fp32"]
+
+
+def test_refilled_generation_with_and_without_cuda_graphs(gpu):
+    assert gpu["refill_fp32"] == gpu["hf_fp32"]
+    assert gpu["refill_graphs_fp32"] == gpu["hf_fp32"]
 
 
 def test_greedy_parity_with_transformers_bf16(gpu):

@@ -4,7 +4,8 @@ padding or is arbitrary), and `model.attention_backend`.
 
 - Generation left-pads (or right-pads) prompts of different lengths and passes a key-padding mask:
   with the TE-like attention swapped into the layer spec, greedy completions must still equal
-  transformers' own greedy generate of each prompt alone (no padding at all). The same launch runs
+  transformers' own greedy generate of each prompt alone (no padding at all), also for refilled
+  generation (right-padded prefill, per-row decoding under an arbitrary mask). The same launch runs
   the mask types generation passed before (causal prefill, no_mask decode): the TE-like model then
   attends to pad tokens and parity breaks, which is what this test exists to catch.
 - SFT packing keeps documents apart with a dense mask under the layers' causal type: megagsm's SDPA
@@ -91,7 +92,7 @@ def _launch(work_dir):
 
     from megagsm.config.errors import ConfigError
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.generation import SamplingParams
+    from megagsm.generation import SamplingParams, generate_refilled
     from megagsm.generation import generate as engine_generate
     from megagsm.generation import rope_cache
     from megagsm.layers import spec
@@ -121,6 +122,10 @@ def _launch(work_dir):
         out[f"te_like_{side}_lp_err"] = cases.forward_logprobs(model, prompts, r, vocab)
         out[f"te_like_{side}_chunked"] = generate(model, prompts, greedy, padding_side=side,
                                                   max_prefill_tokens=2 * 13).completions()
+    # refilled: right-padded causal prefill, per-row decoding with an arbitrary mask (eager and static)
+    for name, graphs in (("te_like_refill", False), ("te_like_refill_static", True)):
+        out[name] = generate_refilled(model, prompts, greedy, vocab_limit=vocab, max_batch_size=2,
+                                      cuda_graphs=graphs).completions()
     fixed = rope_cache.generation_mask_type
     rope_cache.generation_mask_type = lambda cache, prefill: (
         rope_cache.AttnMaskType.causal if prefill else rope_cache.AttnMaskType.no_mask)
@@ -170,6 +175,7 @@ def test_greedy_parity_with_te_mask_rules(launch, side):
     assert launch[f"te_like_{side}"] == launch["hf"]
     assert launch[f"te_like_{side}_chunked"] == launch["hf"]
     assert launch[f"te_like_{side}_lp_err"] < LP_ATOL
+    assert launch["te_like_refill"] == launch["te_like_refill_static"] == launch["hf"]
 
 
 @pytest.mark.multirank

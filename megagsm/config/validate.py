@@ -50,6 +50,7 @@ def validate(cfg: RunConfig, world_size: int | None, *, launched: bool = False) 
     problems += _data_problems(cfg)
     problems += _packing_problems(cfg)
     problems += _range_problems(cfg)
+    problems += _cuda_graph_problems(cfg, check_device=launched)
     if cfg.algorithm.name == "gspo":
         problems += cfg.algorithm.gspo.problems(cfg.generation.max_new_tokens)
     try:
@@ -159,6 +160,28 @@ def _packing_problems(cfg: RunConfig) -> list[str]:
                 f"(data.max_prompt_len+generation.max_new_tokens-1={longest}); allowed: >= {longest}, "
                 "0 (padded rows) or null (auto)"]
     return []
+
+
+def _cuda_graph_problems(cfg: RunConfig, check_device: bool) -> list[str]:
+    """generation.cuda_graphs: what the captured decode step supports. The device is checked on the
+    real launch only (a recipe may be printed or checked on a machine without the GPU)."""
+    if not cfg.generation.cuda_graphs:
+        return []
+    problems = []
+    if not cfg.generation.continuous_batching:
+        problems.append("generation.cuda_graphs=true needs generation.continuous_batching=true")
+    if cfg.parallel.pp > 1:
+        problems.append(f"generation.cuda_graphs=true needs parallel.pp=1 (got {cfg.parallel.pp}: pipeline "
+                        "sends are not captured)")
+    if _num_experts(cfg):
+        problems.append("generation.cuda_graphs=true needs a dense model (MoE token exchanges are not captured)")
+    if check_device:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("generation.cuda_graphs=true needs a CUDA device (torch.cuda.is_available() is "
+                            "false here); set it false")
+    return problems
 
 
 def _range_problems(cfg: RunConfig) -> list[str]:

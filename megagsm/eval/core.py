@@ -17,7 +17,7 @@ from typing import Any
 
 from megagsm.data.prompts import encode_example_prompt, truncate_prompt
 from megagsm.errors import UserError
-from megagsm.generation import SamplingParams, generate_batched
+from megagsm.generation import SamplingParams, generate_many
 from megagsm.rewards.gsm8k import extract_answer
 from megagsm.rewards.latex_answers import last_boxed
 from megagsm.rewards.math_rewards import dapo_extract
@@ -77,8 +77,10 @@ def _sampling_params(sampling: EvalSampling, tokenizer) -> SamplingParams:
 
 def evaluate_model(model_chunks: list, examples: list, tokenizer, scorer: BatchScorer, sampling: EvalSampling, *,
                    template: str, max_prompt_len: int, truncation: str = "left", max_batch_size: int = 8,
-                   vocab_limit: int | None = None, keep_samples: bool = False) -> EvalResult:
-    """Scores `examples` (see the module doc). keep_samples: gather every sample's record to rank 0."""
+                   vocab_limit: int | None = None, keep_samples: bool = False,
+                   continuous_batching: bool = True) -> EvalResult:
+    """Scores `examples` (see the module doc). keep_samples: gather every sample's record to rank 0.
+    continuous_batching: generation.continuous_batching (generate_refilled, else generate_batched)."""
     dp_rank, dp_size = dp_rank_and_size()
     mine = list(range(dp_rank, len(examples), dp_size))
     prompts = [truncate_prompt(encode_example_prompt(examples[i], tokenizer, template), max_prompt_len, truncation,
@@ -90,9 +92,9 @@ def evaluate_model(model_chunks: list, examples: list, tokenizer, scorer: BatchS
     texts: list[str] = []
     if prompts:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        out = generate_batched(model_chunks, prompts, _sampling_params(sampling, tokenizer), tokenizer,
-                               max_batch_size=max_batch_size, pad_token_id=pad,
-                               vocab_limit=vocab_limit if vocab_limit is not None else len(tokenizer))
+        out = generate_many(model_chunks, prompts, _sampling_params(sampling, tokenizer), tokenizer,
+                            continuous_batching=continuous_batching, max_batch_size=max_batch_size,
+                            pad_token_id=pad, vocab_limit=vocab_limit if vocab_limit is not None else len(tokenizer))
         texts = list(out.texts)
     n = sampling.n
     records = []

@@ -21,16 +21,21 @@ Memory model (per rank):
   step gets the memory back (through the caching allocator on GPU).
 - Rows: finished sequences leave the batch at once (their cache rows are overwritten by live ones),
   so compute follows the number of running sequences; n samples of a prompt share one prefill.
+
+More prompts than one batch: `generate_refilled` (continuous batching, the default of
+`generate_many`) keeps max_batch_size rows busy by prefilling waiting prompts into rows as they
+free up; `generate_batched` (generation.continuous_batching=false) runs generate() per group.
 """
 from megagsm.generation.batched import concat_outputs, generate_batched
 from megagsm.generation.engine import GenerationOutput, generate
 from megagsm.generation.kv_cache import KVCache, KVCacheTooLarge
 from megagsm.generation.mode import generation_mode
+from megagsm.generation.refill import generate_many, generate_refilled
 from megagsm.generation.sampling import Sampler, SamplingParams
 from megagsm.generation.stopping import FINISH_EOS, FINISH_LENGTH, FINISH_STOP_STRING
 
 __all__ = [
     "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP_STRING", "GenerationOutput", "KVCache",
     "KVCacheTooLarge", "Sampler", "SamplingParams", "concat_outputs", "generate", "generate_batched",
-    "generation_mode",
+    "generate_many", "generate_refilled", "generation_mode",
 ]

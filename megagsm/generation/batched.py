@@ -17,17 +17,27 @@ def generate_batched(
     tokenizer=None,
     *,
     max_batch_size: int = 64,
+    response_lengths: list[int] | None = None,
     **kwargs,
 ) -> GenerationOutput:
     """generate() on groups of prompts whose sequences (prompts x n) number <= max_batch_size; the
     outputs are concatenated in prompt order. With expert parallelism every rank runs the same
-    number of groups (a rank out of prompts joins with empty groups)."""
+    number of groups (a rank out of prompts joins with empty groups). response_lengths: per
+    sequence of the whole call (engine.generate), split with the groups."""
     per_group = max(1, max_batch_size // params.n)
-    groups = [prompts_token_ids[i: i + per_group] for i in range(0, len(prompts_token_ids), per_group)]
+    starts = range(0, len(prompts_token_ids), per_group)
+    groups = [prompts_token_ids[i: i + per_group] for i in starts]
+    lengths = [None if response_lengths is None else
+               list(response_lengths[i * params.n: (i + len(g)) * params.n]) for i, g in zip(starts, groups)]
+    if response_lengths is not None and len(response_lengths) != len(prompts_token_ids) * params.n:
+        raise ValueError(f"response_lengths has {len(response_lengths)} entries for "
+                         f"{len(prompts_token_ids) * params.n} sequences (prompts x n)")
     if dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
         count = int(reduce_numbers([len(groups)], "max")[0])
+        lengths += [None if response_lengths is None else [] for _ in range(count - len(groups))]
         groups += [[] for _ in range(count - len(groups))]
-    outputs = [generate(model, g, params, tokenizer, **kwargs) for g in groups]
+    outputs = [generate(model, g, params, tokenizer, response_lengths=r, **kwargs)
+               for g, r in zip(groups, lengths)]
     return concat_outputs(outputs, [len(g) for g in groups], kwargs.get("pad_token_id", 0))
 
 

@@ -57,6 +57,7 @@ def generate(
     vocab_limit: int | None = None,
     max_prefill_tokens: int = 16384,
     routing=None,
+    response_lengths: list[int] | None = None,
 ) -> GenerationOutput:
     """Samples completions of `prompts_token_ids` (this data-parallel rank's prompts; every rank of a
     model-parallel group passes the same ones) with the model's own weights.
@@ -69,7 +70,9 @@ def generate(
     vocabulary to a multiple of 128 x tp). max_prefill_tokens: prompts are prefilled in row chunks of
     at most this many (padded) tokens, which bounds the prefill's activation memory. routing: a
     megagsm.models.router_replay.ModelRouting of this model: record every MoE layer's top-k choice
-    per sequence and token (GenerationOutput.routing, this rank's layers).
+    per sequence and token (GenerationOutput.routing, this rank's layers). response_lengths: per
+    sequence (benchmarks, tests): sequence j is stopped after exactly response_lengths[j] tokens unless
+    it stopped earlier, its last token replaced by the first stop token (finish reason "eos").
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r} must be one of {PADDING_SIDES}")
@@ -82,7 +85,8 @@ def generate(
         runner = StageRunner(gpt, gpt.config)
         try:
             generation = _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
-                                     pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens, routing)
+                                     pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens, routing,
+                                     response_lengths)
             out = generation.run()
         finally:
             runner.close()
@@ -97,7 +101,7 @@ def generate(
 
 class _Generation:
     def __init__(self, model, runner, prompts, params, tokenizer, padding_side, pad_token_id,
-                 kv_cache_bytes, vocab_limit, max_prefill_tokens, routing=None):
+                 kv_cache_bytes, vocab_limit, max_prefill_tokens, routing=None, response_lengths=None):
         self.model, self.runner, self.params = model, runner, params
         self.prompts = [list(map(int, p)) for p in prompts]
         self.tokenizer, self.padding_side, self.pad_id = tokenizer, padding_side, pad_token_id
@@ -107,6 +111,7 @@ class _Generation:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens} must be >= 1")
         self.max_prefill_tokens = max_prefill_tokens
+        self.forced = forced_lengths(response_lengths, len(self.prompts) * params.n, params)
         self.stop = StopChecker(params.stop_token_ids, params.stop_strings, tokenizer, self.device)
         self.sampler = Sampler(params, self.device, vocab_limit) if runner.is_sampler else None
         # MoE with expert parallelism: ranks exchange tokens inside every forward, so all of them
@@ -174,7 +179,7 @@ class _Generation:
         P, L = prompt_tokens.shape
         rows = max(1, self.max_prefill_tokens // L)
         starts = list(range(0, P, rows))
-        chunks = self._max_over_ranks(len(starts)) if self.lockstep else len(starts)
+        chunks = self._max_over_ranks(len(starts))[0] if self.lockstep else len(starts)
         if self.padding_side == "left":
             positions = (torch.arange(L).unsqueeze(0) - (L - lens).unsqueeze(1)).clamp(min=0)
         else:
@@ -198,7 +203,7 @@ class _Generation:
                     prompt_tokens[lo:hi].to(self.device), positions[lo:hi].to(self.device), mask,
                     cache, padding_mask=pad.to(self.device) if padded and is_moe else None))
                 if self.recorder is not None:
-                    self.recorder.prefill(lo, hi, lens, self.padding_side, L)
+                    self.recorder.prefill(range(lo, hi), lens[lo:hi], self.padding_side, L)
             finally:
                 self.runner.last_token_index = None
         cache.reset_batch_size_offset()
@@ -217,16 +222,9 @@ class _Generation:
         padded_rows = bool(key_pad.any())
         for step in range(T):
             b = len(seq_ids)
-            if runner.is_sampler:
-                tokens, logprobs = self.sampler(logits)
-            else:
-                tokens = logprobs = None
-            tokens, logprobs = runner.share(tokens, logprobs, b)
-            tokens_cpu = tokens.cpu()
-            self.out_tokens[seq_ids, step] = tokens_cpu
-            if logprobs is not None:
-                self.out_logprobs[seq_ids, step] = logprobs.float().cpu()
-            finished = self._finished(tokens_cpu, seq_ids, step)
+            steps = torch.full((b,), step, dtype=torch.long)
+            tokens_cpu = self._sample(logits, seq_ids, steps)
+            finished = self._finished(tokens_cpu, seq_ids, steps)
             if step == T - 1:
                 break
             keep = ~finished
@@ -253,19 +251,36 @@ class _Generation:
                 self.recorder.decode(step, seq_ids)
             cache.increment_sequence_len_offset(1)
 
-    def _finished(self, tokens_cpu, seq_ids, step) -> torch.Tensor:
+    def _sample(self, logits, seq_ids, steps) -> torch.Tensor:
+        """The next token of every row (row r: sequence seq_ids[r], at response step steps[r]) drawn on
+        the sampler rank and shared with the model-parallel group; tokens and log-probs are stored."""
+        tokens = logprobs = None
+        if self.runner.is_sampler:
+            force = None
+            if self.forced is not None:  # response_lengths: the last token becomes the stop token
+                at_end = self.forced[seq_ids] == steps + 1
+                force = torch.where(at_end, self.params.stop_token_ids[0], -1).to(logits.device)
+            tokens, logprobs = self.sampler(logits, force)
+        tokens, logprobs = self.runner.share(tokens, logprobs, len(seq_ids))
+        tokens_cpu = tokens.cpu()
+        self.out_tokens[seq_ids, steps] = tokens_cpu
+        if logprobs is not None:
+            self.out_logprobs[seq_ids, steps] = logprobs.float().cpu()
+        return tokens_cpu
+
+    def _finished(self, tokens_cpu, seq_ids, steps) -> torch.Tensor:
+        """Which rows are done after the tokens just sampled at response steps `steps` (per row)."""
         T = self.out_tokens.shape[1]
         eos = self.stop.eos_hits(tokens_cpu)
         finished = eos.clone()
-        active = (~eos).nonzero().flatten().tolist()
-        for i in self.stop.string_hits(self.out_tokens, seq_ids[active].tolist(), step + 1):
+        active = (~eos).nonzero().flatten()
+        for i in self.stop.string_hits(self.out_tokens, seq_ids[active].tolist(), (steps[active] + 1).tolist()):
             finished[active[i]] = True
             self.reasons[int(seq_ids[active[i]])] = FINISH_STOP_STRING
         for row in eos.nonzero().flatten().tolist():
             self.reasons[int(seq_ids[row])] = FINISH_EOS
-        if step == T - 1:
-            finished[:] = True  # reasons stay "length" unless set above
-        self.lengths[seq_ids[finished]] = step + 1
+        finished |= steps == T - 1  # reasons stay "length" unless set above
+        self.lengths[seq_ids[finished]] = steps[finished] + 1
         return finished
 
     def _fail_together(self, problem: str | None) -> None:
@@ -286,10 +301,10 @@ class _Generation:
             raise KVCacheTooLarge(problem)
 
     # ---------------------------------------------------------------- expert-parallel lockstep
-    def _max_over_ranks(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.long, device=self.device)
+    def _max_over_ranks(self, *values: int) -> list[int]:
+        t = torch.tensor(values, dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return t.tolist()
 
     def _anyone_active(self, me_active: bool) -> bool:
         flag = torch.tensor([1.0 if me_active else 0.0], device=self.device)
@@ -302,7 +317,7 @@ class _Generation:
             return
         steps = self.params.max_new_tokens - 1 if steps_left is None else steps_left
         if first:  # the others' prefill chunks
-            for _ in range(self._max_over_ranks(0)):
+            for _ in range(self._max_over_ranks(0)[0]):
                 self._dummy_forward()
         for _ in range(steps):
             if not self._anyone_active(False):
@@ -332,6 +347,20 @@ class _Generation:
             prompt_index=[j // n for j in range(N)],
             texts=texts,
         )
+
+
+def forced_lengths(response_lengths, num_sequences: int, params: SamplingParams) -> torch.Tensor | None:
+    """response_lengths as a tensor, checked (None: none forced)."""
+    if response_lengths is None:
+        return None
+    if len(response_lengths) != num_sequences:
+        raise ValueError(f"response_lengths has {len(response_lengths)} entries for {num_sequences} sequences "
+                         "(prompts x n)")
+    if not params.stop_token_ids:
+        raise ValueError("response_lengths needs a stop token (SamplingParams.stop_token_ids) to end sequences with")
+    if any(r < 1 for r in response_lengths):
+        raise ValueError("response_lengths must be >= 1")
+    return torch.tensor(list(response_lengths), dtype=torch.long)
 
 
 def _compaction_moves(finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,9 @@ checking the total against a memory budget, so a batch that does not fit fails a
 numbers instead of part-way through the prefill.
 
 Rows can be moved (`move_rows`, to close the holes finished sequences leave, so they stop costing
-compute) and copied (`expand_rows`, n samples of one prefilled prompt). Positions are shared by all
-rows (static batching: one `sequence_len_offset`), which is why prompts are left-aligned in the cache.
+compute) and copied (`expand_rows`, n samples of one prefilled prompt). generate() shares positions
+over all rows (static batching: one `sequence_len_offset`), which is why it left-aligns prompts;
+generate_refilled() gives every row its own write column (`row_columns`, see rope_cache.py).
 """
 from __future__ import annotations
 
@@ -110,19 +111,28 @@ def check_fits(model, max_batch: int, max_seq: int, dtype: torch.dtype, device: 
 
 class KVCache(StaticInferenceContext):
     """A StaticInferenceContext whose buffers exist before the first forward (size them with
-    check_fits first: allocation itself does not check)."""
+    check_fits first: allocation itself does not check). zeroed: the buffers start as zeros, for
+    attention over columns a row has not written (per-row decoding masks them, but a masked score
+    still multiplies its value: garbage NaN/Inf in never-written memory would reach the output)."""
 
-    def __init__(self, model, max_batch: int, max_seq: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, max_batch: int, max_seq: int, dtype: torch.dtype, device: torch.device,
+                 zeroed: bool = False):
         super().__init__(max_batch_size=max_batch, max_sequence_length=max_seq)
         self.shape = cache_shape(model, dtype)
         self.nbytes = self.shape.bytes(max_batch, max_seq)
         self.keys_rotated = False  # set by rope_cache.rope_once: keys are stored after RoPE
+        # per-row decoding (generate_refilled): row r's new key goes to column row_columns[r] (device
+        # tensors, so a captured CUDA graph reads them at replay); attention sees columns [0, key_width)
+        self.row_columns: torch.Tensor | None = None
+        self.row_index: torch.Tensor | None = None
+        self.key_width = 0
 
         def buffer(attn, dim):
             # megatron indexes [seq, batch, groups, dim]; stored batch-major underneath so that one
             # row's keys are contiguous for the attention matmuls and row moves copy whole blocks
             groups = attn.num_query_groups_per_partition
-            return torch.empty(max_batch, groups, max_seq, dim, dtype=dtype, device=device).permute(
+            alloc = torch.zeros if zeroed else torch.empty
+            return alloc(max_batch, groups, max_seq, dim, dtype=dtype, device=device).permute(
                 2, 0, 1, 3
             )
 
@@ -132,25 +142,27 @@ class KVCache(StaticInferenceContext):
             )
 
     @torch.no_grad()
-    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copies rows src -> dst for the positions written so far (src and dst disjoint)."""
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int | None = None) -> None:
+        """Copies rows src -> dst for positions [0, upto) (default: those written so far; src and dst
+        disjoint)."""
         if src.numel() == 0:
             return
-        upto = self.sequence_len_offset
+        upto = self.sequence_len_offset if upto is None else upto
         for key, value in self.key_value_memory_dict.values():
             key[:upto, dst] = key[:upto, src]
             value[:upto, dst] = value[:upto, src]
 
     @torch.no_grad()
-    def expand_rows(self, rows: int, n: int) -> None:
-        """Rows [0, rows) become rows [0, rows*n), each repeated n times in place (i -> i*n .. i*n+n-1)."""
+    def expand_rows(self, rows: int, n: int, first: int = 0, upto: int | None = None) -> None:
+        """Rows first + [0, rows) become rows first + [0, rows*n), each repeated n times in place
+        (i -> i*n .. i*n+n-1), for positions [0, upto) (default: those written so far)."""
         if n == 1:
             return
-        upto = self.sequence_len_offset
-        index = torch.arange(rows, device=self._device()).repeat_interleave(n)
+        upto = self.sequence_len_offset if upto is None else upto
+        index = torch.arange(first, first + rows, device=self._device()).repeat_interleave(n)
         for key, value in self.key_value_memory_dict.values():
-            key[:upto, : rows * n] = key[:upto, index]
-            value[:upto, : rows * n] = value[:upto, index]
+            key[:upto, first: first + rows * n] = key[:upto, index]
+            value[:upto, first: first + rows * n] = value[:upto, index]
 
     @torch.no_grad()
     def shift_rows_right(self, shifts: torch.Tensor, length: int, rotate=None) -> None:

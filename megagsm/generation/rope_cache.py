@@ -18,6 +18,14 @@ their pad tokens), so with a mask the prefill runs "padding_causal" (self-attent
 padding form would need a (query, key) mask pair for sq != sk, its arbitrary form takes a mask
 broadcastable to [b, heads, 1, keys]). Without a mask: "causal" / "no_mask", as before. Every
 attention layer gets the mask type this way, RoPE or not (megatron's own method is wrapped).
+
+Per-row decoding (generate_refilled, `cache.row_columns` set): rows hold sequences of different
+lengths, each written from column 0, so a decoding step rotates row r's query and key at its own
+position row_columns[r] (the same cos/sin values the shared-offset path uses for that position),
+writes the key at that column of row r, and attends over columns [0, cache.key_width) with the
+key-padding mask hiding each row's columns past its own position. Only the standard attention
+layers take this path (`per_row_supported`); multi-latent attention rotates inside its own forward
+at the shared offset.
 """
 from __future__ import annotations
 
@@ -47,6 +55,8 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
                                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                                 sequence_len_offset=None, *, inference_params=None):
     cache = self._megagsm_rope_cache
+    if inference_context is cache and cache.row_columns is not None and not self.training:
+        return _per_row_step(self, cache, query, key, value, rotary_pos_emb)
     if (inference_context is not cache or rotary_pos_emb is None or self.config.flash_decode
             or self.training):
         return _adjust_key_value_mask_type(
@@ -64,6 +74,47 @@ def _adjust_key_value_rope_once(self, inference_context, query, key, value, rota
     keys[start:end, rows] = key
     values[start:end, rows] = value
     return query, keys[:end, rows], values[:end, rows], None, generation_mask_type(cache, start == 0), None
+
+
+def _per_row_step(attn, cache, query, key, value, rotary_pos_emb):
+    """One decoding step (query/key [1, b, heads, d]) with a write column per row (module doc)."""
+    cols, rows = cache.row_columns, cache.row_index
+    if rotary_pos_emb is not None:
+        q_freqs, k_freqs = rotary_pos_emb
+        query = _rotate_rows(attn, cache, query, q_freqs, cols)
+        key = _rotate_rows(attn, cache, key, k_freqs, cols)
+    keys, values = cache.key_value_memory_dict[attn.layer_number]
+    keys[cols, rows] = key[0]
+    values[cols, rows] = value[0]
+    b, width = key.size(1), cache.key_width
+    return query, keys[:width, :b], values[:width, :b], None, AttnMaskType.arbitrary, None
+
+
+def _rotate_rows(attn, cache, t, freqs, cols):
+    """`_rotate` of one position per row: the batch axis is laid out as megatron's sequence axis
+    ([1, b, h, d] -> [b, 1, h, d] against freqs[cols], [b, 1, 1, d]), so any RoPE variant megatron
+    applies (fused, interleaved, partial) rotates each row at its own position."""
+    config = attn.config
+    mscale = _mscale(config)
+    rot_dim = freqs.shape[-1]
+    if config.apply_rope_fusion or config.rotary_interleaved or rot_dim != t.shape[-1]:
+        out = apply_rotary_pos_emb(t.transpose(0, 1), freqs[cols], config=config, mscale=mscale,
+                                   cp_group=attn.pg_collection.cp)
+        return out.transpose(0, 1)
+    key = (freqs.data_ptr(), "rows", cache.forward_id, t.dtype, mscale)
+    if cache.rope_memo_key != key:  # once per forward for all layers
+        f = freqs[cols].transpose(0, 1)
+        cache.rope_memo = ((torch.cos(f) * mscale).to(t.dtype), (torch.sin(f) * mscale).to(t.dtype))
+        cache.rope_memo_key = key
+    cos_, sin_ = cache.rope_memo
+    return (t * cos_) + (_rotate_half(t, False) * sin_)
+
+
+def per_row_supported(model) -> bool:
+    """Whether every attention layer takes the rope-once path, which can decode per row."""
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    return (getattr(model, "position_embedding_type", None) == "rope" and not model.config.flash_decode
+            and len(rope_layers(model)) == len(attention))
 
 
 def generation_mask_type(cache, prefill: bool) -> AttnMaskType:
@@ -123,6 +174,7 @@ def rope_once(model, cache):
         attn._adjust_key_value_for_inference = types.MethodType(_adjust_key_value_mask_type, attn)
     cache.keys_rotated = bool(layers)
     cache.rope_memo_key, cache.rope_memo = None, None
+    cache.forward_id = 0  # per-row decoding memoises cos/sin per forward (generate_refilled counts)
     try:
         yield
     finally:

@@ -27,19 +27,22 @@ class RoutingRecorder:
     def stop(self) -> None:
         self.routing.stop()
 
-    def prefill(self, lo: int, hi: int, lens: torch.Tensor, padding_side: str, L: int) -> None:
-        """After the prefill forward of prompts lo..hi-1 ([hi-lo, L], padded on `padding_side`)."""
-        chosen = self.routing.chosen().view(L, hi - lo, self.routing.num_layers, self.routing.topk)
+    def prefill(self, prompt_ids, lens, padding_side: str, L: int) -> None:
+        """After the prefill forward of prompts `prompt_ids` ([len(prompt_ids), L], padded on
+        `padding_side`; lens: their lengths)."""
+        chosen = self.routing.chosen().view(L, len(prompt_ids), self.routing.num_layers, self.routing.topk)
         chosen = chosen.to(device="cpu", dtype=self.routing.dtype)
-        for row, i in enumerate(range(lo, hi)):
-            n = int(lens[i])
+        for row, i in enumerate(prompt_ids):
+            n = int(lens[row])
             cols = slice(L - n, L) if padding_side == "left" else slice(0, n)
             self.prompt_parts[i] = chosen[cols, row].clone()
 
-    def decode(self, step: int, seq_ids: torch.Tensor) -> None:
-        """After the decode forward feeding response token `step` of the sequences seq_ids (by cache row)."""
+    def decode(self, step, seq_ids: torch.Tensor) -> None:
+        """After the decode forward feeding response token `step` (one for all rows, or [b] per row) of
+        the sequences seq_ids (by cache row; a forward over more rows, static shapes, has them first)."""
         chosen = self.routing.chosen().to(device="cpu", dtype=self.routing.dtype)
-        self.decode_part[seq_ids, step] = chosen.view(len(seq_ids), self.routing.num_layers, self.routing.topk)
+        chosen = chosen.view(-1, self.routing.num_layers, self.routing.topk)[: len(seq_ids)]
+        self.decode_part[seq_ids, step] = chosen
 
     def per_sequence(self, lengths: torch.Tensor) -> list[torch.Tensor]:
         """[L + R - 1, layers, k] for every sequence j (prompt j // n, response length lengths[j])."""

@@ -78,7 +78,23 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, logits: torch.Tensor, force: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """force: [b] token ids to emit instead of the drawn ones where >= 0 (response_lengths); a forced
+        token's log-prob is the raw one (greedy, "raw") else the tempered one: it was not drawn from the
+        top-k/top-p distribution. The draw itself happens either way, so the generator advances alike."""
+        tokens, logprobs, full, scaled = self._draw(logits)
+        if force is None or not bool((force >= 0).any()):
+            return tokens, logprobs
+        forced = force >= 0
+        tokens = torch.where(forced, force, tokens)
+        if logprobs is not None:
+            base = full if self.params.is_greedy or self.params.logprobs == "raw" else scaled
+            logprobs = torch.where(forced, self._raw_logprobs(base, tokens), logprobs)
+        return tokens, logprobs
+
+    def _draw(self, logits: torch.Tensor):
+        """(tokens, log-probs, fp32 logits, tempered fp32 logits)."""
         p = self.params
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             # rows of a padded embedding table are not tokens
@@ -86,7 +102,7 @@ class Sampler:
         full = logits.float()  # one fp32 copy: reductions over bf16 are slow on CPU and coarse
         if p.is_greedy:
             tokens = full.argmax(dim=-1)
-            return tokens, self._raw_logprobs(full, tokens)
+            return tokens, self._raw_logprobs(full, tokens), full, full
 
         scaled = full
         if p.temperature != 1.0:
@@ -106,10 +122,10 @@ class Sampler:
         choice = torch.multinomial(probs, 1, generator=self.generator)
         tokens = choice.squeeze(-1) if cand_ids is None else cand_ids.gather(-1, choice).squeeze(-1)
         if p.logprobs == "processed":
-            return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1)
+            return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1), full, scaled
         if p.logprobs == "tempered":
-            return tokens, self._raw_logprobs(scaled, tokens)
-        return tokens, self._raw_logprobs(full, tokens)
+            return tokens, self._raw_logprobs(scaled, tokens), full, scaled
+        return tokens, self._raw_logprobs(full, tokens), full, scaled
 
     def _raw_logprobs(self, full: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """log_softmax(full)[token] without materialising the whole log_softmax (greedy decoding and

@@ -31,13 +31,14 @@ class StopChecker:
             return torch.zeros_like(tokens, dtype=torch.bool)
         return torch.isin(tokens, self.stop_ids)
 
-    def string_hits(self, completions: torch.Tensor, rows: list[int], length: int) -> list[int]:
+    def string_hits(self, completions: torch.Tensor, rows: list[int], length: int | list[int]) -> list[int]:
         """Rows (indices into `rows`) whose completion tokens [:length] now contain a stop string.
-        completions: [num_sequences, max_new] token ids on the CPU; rows: sequence ids to check."""
+        completions: [num_sequences, max_new] token ids on the CPU; rows: sequence ids to check; length:
+        one for all rows or one per row (refilled batches hold sequences at different steps)."""
         if not self.stop_strings or not rows:
             return []
-        start = max(0, length - self.tail_tokens)
-        tails = completions[rows, start:length].tolist()
+        lengths = [length] * len(rows) if isinstance(length, int) else length
+        tails = [completions[row, max(0, n - self.tail_tokens):n].tolist() for row, n in zip(rows, lengths)]
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
         return [i for i, text in enumerate(texts) if any(s in text for s in self.stop_strings)]
 

@@ -29,7 +29,7 @@ import torch
 from megagsm.config import RunConfig
 from megagsm.config.errors import ConfigError
 from megagsm.data.prompts import encode_example_prompt, truncate_prompt
-from megagsm.generation import generate_batched
+from megagsm.generation import generate_many
 from megagsm.models.router_replay import ModelRouting
 from megagsm.models.training import sequence_length_multiple
 from megagsm.rl.batching import Advantages, MiniBatch, Rollouts, build_minibatches, compute_advantages
@@ -144,9 +144,10 @@ class GSPO:
         started = time.perf_counter()
         params = sampling_params(gen, g.n_rollouts, stop_token_ids(trainer.tokenizer),
                                  rollout_seed(gen.seed + self.cfg.train.seed, step, trainer.info.dp_rank))
-        out = generate_batched(trainer.chunks, [self.prompt(i) for _, i in mine], params, trainer.tokenizer,
-                               max_batch_size=gen.max_batch_size, pad_token_id=self.pad_id,
-                               vocab_limit=trainer.vocab_limit, routing=self.routing)
+        out = generate_many(trainer.chunks, [self.prompt(i) for _, i in mine], params, trainer.tokenizer,
+                            continuous_batching=gen.continuous_batching, cuda_graphs=gen.cuda_graphs,
+                            max_batch_size=gen.max_batch_size, pad_token_id=self.pad_id,
+                            vocab_limit=trainer.vocab_limit, routing=self.routing)
         generated = time.perf_counter()
         examples = [trainer.train_examples[i] for _, i in mine for _ in range(g.n_rollouts)]
         lengths = out.lengths.tolist()

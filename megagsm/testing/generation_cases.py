@@ -7,6 +7,7 @@ data; tests/test_generation.py asserts on it. One launch covers many cases (a la
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,9 @@ PROMPT_LENGTHS = (5, 9, 3, 13, 9, 1)
 MOE_PROMPT_LENGTHS = (4, 7, 2, 7)
 MAX_NEW = 12
 HF_SEED = 3
+# forced response lengths (response_lengths) for refilled generation: rows end at different steps, so
+# freed rows are refilled while the others decode
+FORCED_LENGTHS = (8, 12, 1, 7, 5, 2)
 
 
 def prompts(vocab: int = 256, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
@@ -96,6 +100,107 @@ def train_step_after_generation(model, tokens: list[int]) -> bool:
     gpt.zero_grad(set_to_none=True)
     gpt.train(was)
     return bool(ok)
+
+
+def decode_shapes(run):
+    """run() while recording the (tokens, mask, write columns) shapes of every per-row decoding
+    forward of refilled generation. Returns (run's result, the distinct shapes seen)."""
+    from megagsm.generation.forward import StageRunner
+
+    seen, real = set(), StageRunner.forward
+
+    def recording(self, tokens, positions, attention_mask, context, *args, **kwargs):
+        if context is not None and context.row_columns is not None:
+            seen.add((tuple(tokens.shape), tuple(attention_mask.shape), tuple(context.row_columns.shape)))
+        return real(self, tokens, positions, attention_mask, context, *args, **kwargs)
+
+    StageRunner.forward = recording
+    try:
+        return run(), sorted(seen)
+    finally:
+        StageRunner.forward = real
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """torch.empty gives NaN-filled floating tensors: memory nobody wrote must never reach a result
+    (per-row decoding attends over columns some rows have not written yet)."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def refill_cases(model, vocab, tok, ps_, greedy_ref, stop_id) -> dict:
+    """generate_refilled on one process: fewer cache rows than sequences, so prompts are prefilled
+    into rows as others finish (forced lengths make them finish at different steps)."""
+    from megagsm.generation import KVCacheTooLarge, SamplingParams, generate_batched, generate_refilled
+
+    out = {}
+    refill = partial(generate_refilled, vocab_limit=vocab)
+    greedy = SamplingParams(max_new_tokens=MAX_NEW, greedy=True)
+    with nan_filled_empty():
+        r = refill(model, ps_, greedy, max_batch_size=2)
+    out["refill_greedy"] = r.completions()
+    out["refill_greedy_lp_err"] = forward_logprobs(model, ps_, r, vocab)
+    out["refill_prompt_index"] = r.prompt_index
+    eos = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_token_ids=[stop_id])
+    r = refill(model, ps_, eos, max_batch_size=3, response_lengths=list(FORCED_LENGTHS))
+    out["refill_forced"], out["refill_forced_reasons"] = r.completions(), r.finish_reasons
+    out["refill_forced_lp_err"] = forward_logprobs(model, ps_, r, vocab)
+    s = generate_batched(model, ps_, eos, max_batch_size=3, response_lengths=list(FORCED_LENGTHS), vocab_limit=vocab)
+    out["static_forced"], out["static_forced_reasons"] = s.completions(), s.finish_reasons
+    # cuda_graphs mode (no capture on CPU): every decoding forward has one shape, same results
+    g, out["static_shape_set"] = decode_shapes(lambda: refill(
+        model, ps_, eos, max_batch_size=3, response_lengths=list(FORCED_LENGTHS), cuda_graphs=True))
+    _, out["eager_shape_count"] = decode_shapes(lambda: refill(
+        model, ps_, eos, max_batch_size=3, response_lengths=list(FORCED_LENGTHS)))
+    out["eager_shape_count"] = len(out["eager_shape_count"])
+    out["static_shape_completions"] = g.completions()
+    out["static_shape_lp_diff"] = (g.logprobs - r.logprobs).abs().max().item()
+
+    sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.95, n=3, seed=5)
+    a = refill(model, ps_, sampled, max_batch_size=6)
+    b = refill(model, ps_, sampled, max_batch_size=6)
+    out["refill_sample_same_seed_equal"] = a.completions() == b.completions()
+    out["refill_sample_lp_err"] = forward_logprobs(model, ps_, a, vocab)
+    out["refill_sample_prompt_index"] = a.prompt_index
+    stop = tok.decode(greedy_ref[1])[3:5]
+    r = refill(model, ps_, SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_strings=[stop]), tokenizer=tok,
+               max_batch_size=2)
+    out["refill_stop_texts"], out["refill_stop_reasons"] = r.texts, r.finish_reasons
+    try:
+        refill(model, ps_, greedy, max_batch_size=2, kv_cache_bytes=1000)
+        out["refill_too_large"] = None
+    except KVCacheTooLarge as e:
+        out["refill_too_large"] = str(e)
+    return out
+
+
+def moe_refill_routing(moe, vocab, mp, eos_id) -> dict:
+    """Routing recorded by the refilled path (rows move and refill) against the static path's."""
+    from megagsm.generation import SamplingParams, generate, generate_refilled
+    from megagsm.models.router_replay import ModelRouting
+
+    routing = ModelRouting([moe])
+    params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_token_ids=[eos_id])
+    forced = [2, 12, 5, 9]
+    static = generate(moe, mp, params, vocab_limit=vocab, routing=routing, response_lengths=forced)
+    refill = generate_refilled(moe, mp, params, vocab_limit=vocab, routing=routing, response_lengths=forced,
+                               max_batch_size=2)
+    return {"moe_refill_completions": refill.completions(),
+            "moe_refill_static_completions": static.completions(),
+            "moe_refill_routing_shapes_ok": all(
+                r.shape[0] == len(mp[i]) + int(n) - 1
+                for r, i, n in zip(refill.routing, refill.prompt_index, refill.lengths)),
+            "moe_refill_routing_equal": all(torch.equal(a, b) for a, b in zip(static.routing, refill.routing))}
 
 
 def _init(parallel: ParallelConfig, seed=1234):
@@ -186,6 +291,7 @@ def single_process_cases(work_dir: str) -> dict:
         out["too_large"] = None
     except KVCacheTooLarge as e:
         out["too_large"] = str(e)
+    out.update(refill_cases(model, vocab, tok, ps_, out["greedy_left"], stop_id))
 
     # training <-> generation on the same weights
     model.train()
@@ -230,6 +336,7 @@ def single_process_cases(work_dir: str) -> dict:
     r = engine_generate(moe, mp, SamplingParams(max_new_tokens=MAX_NEW, greedy=True,
                                                 stop_token_ids=[out["moe_eos_id"]]), vocab_limit=moe_vocab)
     out["moe_eos_completions"] = r.completions()
+    out.update(moe_refill_routing(moe, moe_vocab, mp, out["moe_eos_id"]))
     return out
 
 
@@ -245,7 +352,7 @@ def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
     """Every 2-rank layout in one launch: dense TP2, TP2+SP, PP2, DP2; Qwen3-MoE EP2 and TP2+EP2."""
     import torch.distributed as dist
 
-    from megagsm.generation import SamplingParams, generate, generate_batched
+    from megagsm.generation import SamplingParams, generate, generate_batched, generate_refilled
 
     out = {}
     ps_ = prompts()
@@ -264,6 +371,17 @@ def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
         out[f"{name}_sample"] = r.completions()
         again = generate(model, mine, sampled, vocab_limit=vocab)
         out[f"{name}_sample_reproducible"] = again.completions() == r.completions()
+        # refilled: 2 cache rows for 6 (DP: 3) prompts; samples reproducible at this layout
+        out[f"{name}_refill_greedy"] = generate_refilled(model, mine, greedy, vocab_limit=vocab,
+                                                         max_batch_size=2).completions()
+        r = generate_refilled(model, mine, sampled, vocab_limit=vocab, max_batch_size=3)
+        out[f"{name}_refill_sample_lp_err"] = forward_logprobs(model, mine, r, vocab)
+        out[f"{name}_refill_sample"] = r.completions()
+        again = generate_refilled(model, mine, sampled, vocab_limit=vocab, max_batch_size=3)
+        out[f"{name}_refill_sample_reproducible"] = again.completions() == r.completions()
+        if name == "tp2_sp":  # static decode shapes under tensor parallelism
+            out["tp2_sp_static_shape_greedy"] = generate_refilled(
+                model, mine, greedy, vocab_limit=vocab, max_batch_size=2, cuda_graphs=True).completions()
         if name == "tp2":  # one rank's cache does not fit: both ranks raise (none waits forever)
             from megagsm.generation import KVCacheTooLarge
 
@@ -273,6 +391,12 @@ def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
                 out["tp2_too_large"] = None
             except KVCacheTooLarge as e:
                 out["tp2_too_large"] = str(e)
+            try:
+                generate_refilled(model, mine, greedy, vocab_limit=vocab, max_batch_size=2,
+                                  kv_cache_bytes=1000 if dist.get_rank() == 1 else None)
+                out["tp2_refill_too_large"] = None
+            except KVCacheTooLarge as e:
+                out["tp2_refill_too_large"] = str(e)
         if name != "pp2":  # (a pipeline needs the schedule to train; generation itself is tested)
             out[f"{name}_train_after_generate"] = train_step_after_generation(model, ps_[3][:12])
 
@@ -291,6 +415,9 @@ def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
         out[f"{name}_greedy"] = r.completions()
         r = generate(moe, local, params, vocab_limit=vocab)
         out[f"{name}_eos_completions"] = r.completions()
+        # refilled in lockstep: one row per rank, prompts prefilled as rows free up (rank 0: 3, rank 1: 1)
+        out[f"{name}_refill_eos_completions"] = generate_refilled(moe, local, params, vocab_limit=vocab,
+                                                                  max_batch_size=1).completions()
         out[f"{name}_eos_lp_err"] = forward_logprobs(moe, local, r, vocab)
         r = generate(moe, local, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, n=2, seed=3),
                      vocab_limit=vocab)
@@ -302,6 +429,9 @@ def two_rank_cases(dense_mcore: str, moe_mcore: str, moe_eos_id: int) -> dict:
     r = generate(moe, mine if dist.get_rank() == 0 else [], SamplingParams(max_new_tokens=4, greedy=True),
                  vocab_limit=vocab)
     out["ep2_empty_rank_lengths"] = r.lengths.tolist()
+    r = generate_refilled(moe, mine if dist.get_rank() == 0 else [], SamplingParams(max_new_tokens=4, greedy=True),
+                          vocab_limit=vocab, max_batch_size=2)
+    out["ep2_refill_empty_rank_lengths"] = r.lengths.tolist()
     # more prompts than one batch: rank 0 runs 2 groups, rank 1 one group and one empty group
     r = generate_batched(moe, mine, params, max_batch_size=2, vocab_limit=vocab)
     out["ep2_batched_completions"] = r.completions()

@@ -141,7 +141,8 @@ class Trainer:
             result = evaluate_model(self.chunks, self.held_out, self.tokenizer, self.eval_scorer, sampling,
                                     template=d.prompt_template, max_prompt_len=d.max_prompt_len,
                                     truncation=d.truncation, max_batch_size=gen.max_batch_size,
-                                    vocab_limit=self.vocab_limit, keep_samples=True)
+                                    vocab_limit=self.vocab_limit, keep_samples=True,
+                                    continuous_batching=gen.continuous_batching)
             row.update(result.metrics())
             for sample in result.samples[:1]:
                 log.info("sample at step %d: %r -> %r (reference %s)", self.step,
