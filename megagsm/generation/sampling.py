@@ -118,8 +118,7 @@ class Sampler:
             # drop a candidate once the mass strictly before it reaches top_p; keeps >= 1
             before = probs.cumsum(dim=-1) - probs
             cand_logits = cand_logits.masked_fill(before >= p.top_p, float("-inf"))
-        probs = torch.softmax(cand_logits, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=self.generator)
+        choice = inverse_cdf_draw(torch.softmax(cand_logits, dim=-1), self.generator)
         tokens = choice.squeeze(-1) if cand_ids is None else cand_ids.gather(-1, choice).squeeze(-1)
         if p.logprobs == "processed":
             return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1), full, scaled
@@ -134,3 +133,18 @@ class Sampler:
             return None
         picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(full, dim=-1)
+
+
+def inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of probs [b, V], drawn with P(i) = probs[i] / sum(probs): one uniform per row
+    against the running sum. The same distribution as torch.multinomial, which on CPU costs ~30x more
+    (18 ms vs 0.7 ms for 64 x 8192, 400 vs 60 ms at 151936 columns: it dominated a decode step).
+    `right=True` takes the first index whose running sum exceeds the draw, so a zero-probability
+    entry (a flat stretch of the running sum) is never chosen; the draw is kept below the total so
+    rounding cannot run past the last positive entry. Returns [b, 1] int64."""
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    draw = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, draw, right=True)
+
