@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's EOS")
     g.add_argument("--logprobs", choices=["raw", "processed", "none"], default="raw")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--static-batches", action="store_true",
+                   help="decode prompts in fixed groups, each until its longest row ends (default: continuous "
+                        "batching, waiting prompts take the rows finished sequences free)")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="memory the KV cache may use (default: 90%% of free memory)")
     return p
@@ -297,7 +300,7 @@ def run(args, records, prompt_ids, base, hf_config, tokenizer, vocab) -> int:
     from megagsm.checkpoint.integrity import verify_checkpoint_collective
     from megagsm.config.parallel import ParallelConfig
     from megagsm.runtime.collectives import gather_objects
-    from megagsm.generation import generate_batched
+    from megagsm.generation.refill import generate_many
     from megagsm.checkpoint.model_weights import load_mcore_checkpoint
     from megagsm.models.provider import build_model_from_hf_config
     from megagsm.runtime import init_runtime, shutdown_runtime
@@ -313,9 +316,9 @@ def run(args, records, prompt_ids, base, hf_config, tokenizer, vocab) -> int:
     params = dataclasses.replace(base, stop_token_ids=[] if args.no_eos else eos_ids(tokenizer, hf_config))
     mine = list(range(info.dp_rank, len(prompt_ids), info.dp_size))  # this DP rank's prompts
     budget = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
-    out = generate_batched(chunks, [prompt_ids[i] for i in mine], params, tokenizer,
-                           max_batch_size=args.max_batch_size, kv_cache_bytes=budget,
-                           vocab_limit=vocab, pad_token_id=tokenizer.pad_token_id or 0)
+    out = generate_many(chunks, [prompt_ids[i] for i in mine], params, tokenizer,
+                        continuous_batching=not args.static_batches, max_batch_size=args.max_batch_size,
+                        kv_cache_bytes=budget, vocab_limit=vocab, pad_token_id=tokenizer.pad_token_id or 0)
     lines = []
     for j, reason in enumerate(out.finish_reasons):
         i = mine[out.prompt_index[j]]
