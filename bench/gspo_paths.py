@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import megagsm.rl.gspo as gspo_module
-from bench.gspo_workload import forced_lengths, padding_counter, rl_modules, skewed_lengths
+from bench.gspo_workload import forced_lengths, rl_modules, skewed_lengths
 
 
 @dataclass
@@ -67,23 +67,18 @@ def generate(path: BenchPath, trainer, step: int, lengths: str):
     return rollouts, stats, seconds
 
 
-def train(path: BenchPath, trainer, step: int, rollouts, stats) -> tuple[dict, tuple[int, int] | None]:
-    """The path's train_step on the given rollouts: (metrics row, its CPU seconds, (padding, computed)
-    tokens counted from the update's microbatches, None when the path built none through
-    build_minibatches)."""
+def train(path: BenchPath, trainer, step: int, rollouts, stats) -> tuple[dict, float]:
+    """The path's train_step on the given rollouts: (metrics row, its CPU seconds)."""
     algorithm = path.algorithm
     algorithm.collect_rollouts = lambda _step: (rollouts, stats)
-    counted: list = []
     try:
-        with configured(trainer, path.cfg), padding_counter(gspo_module, counted):
+        with configured(trainer, path.cfg):
             cpu = time.process_time()
             row = algorithm.train_step(step)
             cpu = time.process_time() - cpu
     finally:
         del algorithm.collect_rollouts   # back to the class's method
-    if not counted:
-        return row, cpu, None
-    return row, cpu, (sum(p for p, _ in counted), sum(c for _, c in counted))
+    return row, cpu
 
 
 def run_round(paths: list[BenchPath], trainer, step: int, lengths: str) -> None:
@@ -91,12 +86,12 @@ def run_round(paths: list[BenchPath], trainer, step: int, lengths: str) -> None:
     generated = [generate(p, trainer, step, lengths) for p in paths]
     rollouts, stats, _ = generated[0]
     for path, (_, own_stats, (gen_s, gen_cpu)) in zip(paths, generated):
-        row, train_cpu, counted = train(path, trainer, step, rollouts, stats)
-        metric = row.get("padded_token_fraction")
-        padded = metric if metric is not None else (counted[0] / counted[1] if counted and counted[1] else None)
+        row, train_cpu = train(path, trainer, step, rollouts, stats)
         path.rounds.append({
-            "step_s": gen_s + row["step_time"], "generate_s": own_stats.time_generate, "score_s": own_stats.time_score,
-            "logprob_s": row["time_logprob"], "update_s": row["time_update"], "train_s": row["step_time"],
-            "padded_token_fraction": padded, "step_cpu_s": gen_cpu + train_cpu, "generate_cpu_s": gen_cpu, "generated_tokens": int(sum(own_stats.lengths)),
-            "row": row,
+            "step_s": gen_s + row["step_time"], "generate_s": own_stats.time_generate,
+            "score_s": own_stats.time_score, "logprob_s": row["time_logprob"], "update_s": row["time_update"],
+            "train_s": row["step_time"], "step_cpu_s": gen_cpu + train_cpu, "generate_cpu_s": gen_cpu,
+            # the trainer's metric (absent before packed microbatches, train.max_tokens_per_microbatch)
+            "padded_token_fraction": row.get("padded_token_fraction"),
+            "generated_tokens": int(sum(own_stats.lengths)), "row": row,
         })

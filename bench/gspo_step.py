@@ -135,11 +135,12 @@ def report(args, run, paths, knobs: dict, trl_rounds: list | None, trl_info: dic
     best, base_best = new.best(), base.best()
     row = best["row"]
     hidden, layers, heads, kv, ffn, vocab, _ = SHAPES[args.shape]
-    model = (f"hf {args.hf_dir or args.load}" if args.hf_dir or args.load else
+    model = (f"checkpoint {args.load}" if args.load else f"hf {args.hf_dir}" if args.hf_dir else
              f"qwen2-shaped (h{hidden} L{layers} heads{heads}/kv{kv} ffn{ffn} vocab{vocab})")
     params_m = sum(p.numel() for c in run.chunks for p in c.parameters()) / 1e6
     out = {
-        "bench": "gspo_step", "model": f"{model}, {params_m:.2f}M params", "dtype": str(run.dtype).replace("torch.", ""),
+        "bench": "gspo_step", "model": f"{model}, {params_m:.2f}M params",
+        "dtype": str(run.dtype).replace("torch.", ""),
         "device": "cpu" if run.info.device.type == "cpu" else torch.cuda.get_device_name(),
         "lengths": args.lengths, "two_pass": args.two_pass, "prompts": args.prompts, "n": args.n,
         "rollouts": args.prompts * args.n, "new_tokens": args.new_tokens, "mini_batches": args.mini_batches,

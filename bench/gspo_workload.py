@@ -1,5 +1,5 @@
-"""The GSPO bench's workload: the run config, the two paths it compares, forced response lengths and
-the padding count (used by bench/gspo_step.py).
+"""The GSPO bench's workload: the run config, the two paths it compares and forced response lengths
+(used by bench/gspo_step.py).
 
 Paths. The "new" path is the config as the trainer defaults it; the baseline is today's padded, static
 path: `train.max_tokens_per_microbatch=0` (fixed rows padded to the longest sequence) and
@@ -88,14 +88,30 @@ def run_overrides(args, out_dir: str) -> list[str]:
     ]
 
 
+def engine_takes_lengths() -> bool:
+    """Whether megagsm.generation's engine has the `response_lengths` argument."""
+    from megagsm.generation import engine
+
+    return "response_lengths" in inspect.signature(engine.generate).parameters
+
+
 def forcing_entries(modules) -> list[tuple[object, str]]:
-    """(module, name) pairs bound to megagsm.generation functions that take `response_lengths`."""
+    """(module, name) pairs bound to megagsm.generation functions that take `response_lengths`:
+    by name, or through **kwargs passed on to the engine when the engine has it."""
+    engine = None
     entries = []
     for module in modules:
         for name, value in vars(module).items():
-            if (inspect.isfunction(value) and value.__module__.startswith("megagsm.generation")
-                    and "response_lengths" in inspect.signature(value).parameters):
-                entries.append((module, name))
+            if not (inspect.isfunction(value) and value.__module__.startswith("megagsm.generation")):
+                continue
+            params = inspect.signature(value).parameters
+            if "response_lengths" not in params:
+                if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                    continue
+                engine = engine_takes_lengths() if engine is None else engine
+                if not engine:
+                    continue
+            entries.append((module, name))
     return entries
 
 
@@ -129,40 +145,3 @@ def forced_lengths(modules, lengths_for):
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)
-
-
-def padding_of(minibatches) -> tuple[int, int]:
-    """(padding tokens, computed tokens) of a step's update microbatches. A row's real tokens end at
-    its last response position (responses come last in a padded row, and the last sequence of a
-    packed row is followed only by the padding tail); filler rows are all padding."""
-    padding = computed = 0
-    for mb in minibatches:
-        for batch in mb.microbatches:
-            mask = batch["response_mask"] > 0
-            width = mask.shape[-1]
-            ends = torch.where(mask.any(-1), width - mask.flip(-1).int().argmax(-1), 0)
-            computed += mask.numel()
-            padding += int(mask.numel() - ends.sum())
-    return padding, computed
-
-
-@contextlib.contextmanager
-def padding_counter(module, sink: list):
-    """Appends `padding_of` of every `module.build_minibatches` result to `sink` while active (a
-    no-op where the module has no such function)."""
-    original = getattr(module, "build_minibatches", None)
-    if original is None:
-        yield
-        return
-
-    @functools.wraps(original)
-    def counting(*a, **kw):
-        out = original(*a, **kw)
-        sink.append(padding_of(out))
-        return out
-
-    module.build_minibatches = counting
-    try:
-        yield
-    finally:
-        module.build_minibatches = original
