@@ -187,3 +187,18 @@ def test_packed_microbatches_give_the_padded_loss_and_gradient(mode, agg, correc
                                full["advantages"][keep], full["response_mask"][keep], mode=mode,
                                clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg, norm=12.0)
         assert ref_loss == pytest.approx(truth.item(), rel=1e-6, abs=1e-9)
+
+
+def test_even_bins_spread_the_tail_and_fall_back_to_first_fit_when_spreading_overflows():
+    from megagsm.rl.packing import even_bins
+
+    # first fit decreasing: 100 + 100 + 50 (T = 100, a sixth of the compute is padding); spread: 90/80/80
+    bins = even_bins([10] * 25, 3, 100)
+    assert sorted(sum(10 for _ in b) for b in bins) == [80, 80, 90]
+    assert sorted(i for b in bins for i in b) == list(range(25))
+    # longest-first to the emptiest bin would give 3+2+2 = 7 > 6: first fit decreasing's 3+3 | 2+2+2 instead
+    lengths = [3, 3, 2, 2, 2]
+    bins = even_bins(lengths, 2, 6)
+    assert sorted(sorted(lengths[i] for i in b) for b in bins) == [[2, 2, 2], [3, 3]]
+    # more bins than sequences: the spare ones stay empty (filler microbatches)
+    assert sorted(map(len, even_bins([5, 4], 3, 10))) == [0, 1, 1]

@@ -6,14 +6,16 @@ a long tail. Here a microbatch is one row of ``T`` tokens holding whole sequence
 (megagsm.models.packed_seq: per-document causal attention, RoPE positions restarting per sequence),
 the unused tail one padding document that no loss reads.
 
-- Budget: sequences go into bins of at most ``budget`` tokens by first-fit decreasing
-  (megagsm.data.packing.first_fit_bins). ``T`` is the fullest bin of the mini-batch over all DP
-  ranks, rounded up to the sequence-length multiple: every microbatch of a mini-batch has one shape
+- Budget: as many microbatches as first-fit decreasing needs for bins of at most ``budget`` tokens
+  on the DP rank with the most (megagsm.data.packing.first_fit_bins), the sequences then spread over
+  that many bins of about equal fill (``even_bins``). ``T`` is the fullest bin of the mini-batch over
+  all DP ranks, rounded up to the sequence-length multiple: every microbatch of a mini-batch has one shape
   (pipeline stages exchange activations of one shape; sequence parallelism splits T over TP ranks).
 - DP balance: the mini-batch's sequences are re-placed over DP ranks by token count
   (megagsm.rl.balance) after the advantages are computed; every rank runs as many microbatches as
-  the rank with the most bins (the others add filler microbatches: one padding document, nothing
-  scored), and every rank computes that plan itself from the all-gathered lengths.
+  the rank with the most bins (a rank with fewer sequences than that adds filler microbatches: one
+  padding document, nothing scored), and every rank computes that plan itself from the all-gathered
+  lengths.
 - Loss view: the loss functions (megagsm.rl.losses) keep working on a per-sequence ``[S, R]`` view
   (S sequences of the microbatch, R its longest response): ``response_mask``, ``advantages`` and
   ``gen_log_prob`` are ``[S, R]``, and ``response_index`` maps the scored packed positions
@@ -118,6 +120,23 @@ def pack_microbatch(samples: list[Sample], T: int, routing_like: torch.Tensor | 
     return batch
 
 
+def even_bins(lengths: list[int], count: int, budget: int) -> list[list[int]]:
+    """Indices into ``count`` bins of about equal fill, each within ``budget``: the microbatch length T is
+    the fullest bin, so a mini-batch's unused tail is spread over its microbatches instead of sitting in
+    one nearly empty last bin. Longest first, each to the emptiest bin (LPT); should that overflow the
+    budget (possible, as LPT is not an exact partition), first-fit decreasing's bins, which fit."""
+    bins: list[list[int]] = [[] for _ in range(count)]
+    fill = [0] * count
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        b = min(range(count), key=lambda j: (fill[j], j))
+        bins[b].append(i)
+        fill[b] += lengths[i]
+    if max(fill, default=0) <= budget:
+        return bins
+    fitted = first_fit_bins(lengths, budget, "decreasing")
+    return fitted + [[] for _ in range(count - len(fitted))]
+
+
 def _samples(rollouts: Rollouts, advantages: Advantages, mini_batches: int) -> list[list[Sample]]:
     """This rank's trained sequences per mini-batch (filtered groups dropped)."""
     out: list[list[Sample]] = [[] for _ in range(mini_batches)]
@@ -151,12 +170,11 @@ def build_packed_minibatches(rollouts: Rollouts, advantages: Advantages, mini_ba
     routing_like = rollouts.routing[0] if rollouts.routing else None
     out = []
     for k, plan in enumerate(placements):
-        rank_bins = [first_fit_bins([lengths[k][home][i] for home, i in items], budget, "decreasing")
-                     for items in plan]
-        fills = [sum(lengths[k][plan[r][j][0]][plan[r][j][1]] for j in b) for r, bins in enumerate(rank_bins)
-                 for b in bins]
+        sizes = [[lengths[k][home][i] for home, i in items] for items in plan]
+        count = max(len(first_fit_bins(row, budget, "decreasing")) for row in sizes)
+        rank_bins = [even_bins(row, count, budget) for row in sizes]
+        fills = [sum(row[j] for j in b) for row, bins in zip(sizes, rank_bins) for b in bins]
         T = max(multiple, math.ceil(max(fills, default=0) / multiple) * multiple)
-        count = max(len(bins) for bins in rank_bins)
         me = 0 if len(plan) == 1 else group_rank(dp_group)
         bins = [sorted(b) for b in rank_bins[me]] + [[] for _ in range(count - len(rank_bins[me]))]
         micro = [pack_microbatch([mine[k][j] for j in b], T, routing_like, device) for b in bins]
