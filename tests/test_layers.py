@@ -178,6 +178,57 @@ def test_thd_attention_with_mla_head_dims_and_gradients():
     assert q.grad[3:].abs().max() == 0 and q.grad[:3].abs().max() > 0  # documents do not see each other
 
 
+@pytest.mark.parametrize("window,mask_type,dims", [
+    (None, AttnMaskType.causal, (8, 8)), ((3, 0), AttnMaskType.causal, (8, 8)),
+    (None, AttnMaskType.no_mask, (8, 8)), (None, AttnMaskType.causal, (12, 6))])
+def test_thd_attention_in_length_buckets_equals_each_document_alone_with_gradients(window, mask_type, dims):
+    """Documents of very different lengths go through several right-padded SDPA batches: outputs and
+    q/k/v gradients (fp64) are those of each document attended by itself (the reference formula)."""
+    from megagsm.layers import thd_buckets
+
+    lengths = [1, 130, 7, 64, 65, 3, 300, 31, 31, 90, 2, 129, 33]
+    dk, dv = dims
+    config = _config(window_size=window) if window else _config()
+    attn = _attention(config, mask_type, k_channels=dk, v_channels=dv)
+    q, k, v, params = _thd_inputs(lengths, dk=dk, dv=dv)
+    q, k, v = (x.double().requires_grad_(True) for x in (q, k, v))
+    plan = thd_buckets.plan_for(params.cu_seqlens_q, sum(lengths), q.device)
+    assert len(plan.buckets) >= 4 and any(b.padding.numel() for b in plan.buckets)
+    out = attn(q, k, v, None, packed_seq_params=params)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    parts, start = [], 0
+    for n in lengths:
+        i = torch.arange(n)
+        allowed = (i[None, :] <= i[:, None]) if mask_type == AttnMaskType.causal else torch.ones(n, n, dtype=torch.bool)
+        if window:
+            allowed &= i[None, :] >= i[:, None] - window[0]
+        sl = slice(start, start + n)
+        parts.append(_reference(q[sl, None], k[sl, None], v[sl, None], allowed.view(1, 1, n, n),
+                                1 / math.sqrt(dk))[:, 0])
+        start += n
+    expected = torch.cat(parts)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_thd_buckets_rule_and_plan_cache():
+    """Longest first, a new bucket when a document is under 1/ratio of the bucket's longest, all
+    documents of at most `floor` tokens together; a plan is rebuilt when cu_seqlens change in place."""
+    from megagsm.layers import thd_buckets
+    from megagsm.models.packed_seq import thd_params
+
+    assert thd_buckets.bucket_documents([10, 100, 3, 90, 70, 50, 20], ratio=1.5, floor=32) == [
+        [1, 3, 4], [5], [0, 2, 6]]
+    params = thd_params([4, 4, 4])
+    plan = thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu"))
+    assert plan.identity and thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu")) is plan
+    params.cu_seqlens_q[1] = 2  # documents of 2, 6, 4 tokens now
+    changed = thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu"))
+    assert not changed.identity and sorted(b.length for b in changed.buckets) == [6]
+
+
 def test_thd_attention_refuses_cu_seqlens_that_do_not_cover_the_tokens():
     from megatron.core.packed_seq_params import PackedSeqParams
 

@@ -10,10 +10,14 @@ bottom-right corner (query i sees keys up to sk - sq + i), which covers a fresh 
 KV-cache decoding (sq == 1) and chunked prefill alike.
 
 Packed sequences (THD, `packed_seq_params.qkv_format == "thd"`): q/k/v arrive as [t, heads, dim]
-(megatron squeezes the batch of one) with the documents' boundaries in `cu_seqlens_q`; each document
-gets its own causal SDPA call (exact; O(sum of L^2) where one block-diagonal mask costs O(t^2), and
-measured on CPU as fast as one masked call even for rows of four 46-token documents); the output is
-[t, heads * dv], the layout transformer-engine returns for THD.
+(megatron squeezes the batch of one) with the documents' boundaries in `cu_seqlens_q`. The documents
+are grouped by length into a few right-padded [n, heads, L, dim] batches, one causal SDPA call each
+(megagsm.layers.thd_buckets; exact: each document attends only to itself); the output is
+[t, heads * dv], the layout transformer-engine returns for THD. Measured forward+backward on one CPU
+thread, against one SDPA call per document on slices of q/k/v (the slices' backward zero-fills a
+full-size gradient per document): 512 documents of 20-40 tokens, 8 heads x 64: 12.3 s -> 0.20 s;
+64 documents of 17-1024 tokens: 1.6 s -> 0.5 s (about what a per-document loop over `split` views
+costs on CPU, where a call is cheap; on a GPU each call is a launch, the buckets are 1-15 here).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
+
+from megagsm.layers import thd_buckets
 
 
 class SDPAttention(MegatronModule):
@@ -181,31 +187,27 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"THD q/k/v must be [t, heads, dim], got {tuple(query.shape)}, {tuple(key.shape)}, "
                              f"{tuple(value.shape)}")
         cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
-        if cu_q is None or (cu_kv is not None and not torch.equal(cu_q, cu_kv)):
+        if cu_q is None or (cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv)):
             raise ValueError("THD self-attention needs cu_seqlens_q, equal to cu_seqlens_kv")
-        bounds = cu_q.tolist()
         t = query.shape[0]
-        if bounds[0] != 0 or bounds[-1] != t or any(a >= b for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the {t} packed tokens, one "
-                             "non-empty document after another")
+        plan = thd_buckets.plan_for(cu_q, t, query.device)
         causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         dropout_p = self.dropout_p if self.training else 0.0
         enable_gqa = self.heads_per_partition != key.shape[1]
-        # [1, heads, t, dim]: 4-D, as SDPA's fused CPU kernel needs (3-D inputs fall back to its math path)
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
 
         def attend():
-            parts = []
-            for start, end in zip(bounds, bounds[1:]):
-                n = end - start
-                mask = None
-                if self.window_size is not None:
-                    mask = self._mask(None, attn_mask_type, n, n, query.device)
-                parts.append(F.scaled_dot_product_attention(
-                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask,
-                    dropout_p=dropout_p, is_causal=causal and mask is None and n > 1, scale=self.softmax_scale,
-                    enable_gqa=enable_gqa))
-            return torch.cat(parts, dim=2)[0]                           # [heads, t, dv]
+            contexts = []
+            batches = zip(*(thd_buckets.to_buckets(x, plan) for x in (query, key, value)))
+            for bucket, (q, k, v) in zip(plan.buckets, batches):
+                L = bucket.length
+                # causal: right padding is hidden by the causal mask itself (thd_buckets docstring)
+                mask = self._mask(None, attn_mask_type, L, L, query.device) if self.window_size is not None else None
+                if not causal and bucket.padding.numel():
+                    keys = (torch.arange(L, device=query.device) < bucket.key_lengths[:, None])[:, None, None, :]
+                    mask = keys if mask is None else mask & keys
+                contexts.append(F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and L > 1,
+                    scale=self.softmax_scale, enable_gqa=enable_gqa))
+            return thd_buckets.from_buckets(contexts, plan)
 
-        context = self._with_dropout_rng(attend, dropout_p)
-        return context.transpose(0, 1).reshape(t, self.heads_per_partition * self.v_channels)
+        return self._with_dropout_rng(attend, dropout_p)
