@@ -202,3 +202,23 @@ def test_even_bins_spread_the_tail_and_fall_back_to_first_fit_when_spreading_ove
     assert sorted(sorted(lengths[i] for i in b) for b in bins) == [[2, 2, 2], [3, 3]]
     # more bins than sequences: the spare ones stay empty (filler microbatches)
     assert sorted(map(len, even_bins([5, 4], 3, 10))) == [0, 1, 1]
+
+
+@pytest.mark.parametrize("interleaved,mla,mscale", [(False, False, 1.0), (True, False, 1.0), (False, True, 0.7)])
+def test_thd_rope_is_megatrons_thd_rope_bit_for_bit(interleaved, mla, mscale):
+    from megagsm.models.packed_seq import _megatron_thd_rope, thd_rope
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 5, 7, 2]
+    cu = torch.tensor([0, 3, 4, 9, 16, 18], dtype=torch.int32)
+    t = torch.randn(sum(lengths), 4, 8, generator=g)
+    for freqs in (torch.randn(7, 1, 1, 8, generator=g), torch.randn(sum(lengths), 1, 1, 8, generator=g)):
+        args = dict(rotary_interleaved=interleaved, multi_latent_attention=mla, mscale=mscale, cp_group=OneRank())
+        assert torch.equal(thd_rope(t, cu, freqs, **args), _megatron_thd_rope(t, cu, freqs, **args))
