@@ -131,4 +131,4 @@ def test_layernorm_matches_torch_and_marks_sequence_parallel_params():
 
 def test_unknown_normalization_names_allowed_values():
     with pytest.raises(ValueError, match="RMSNorm, LayerNorm"):
-        Norm(_config(), 32, normalization="L2Norm")
+        Norm(_config(), 32, eps=1e-5, normalization="L2Norm")

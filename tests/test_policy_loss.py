@@ -360,6 +360,33 @@ def test_dual_clip_caps_negative_advantage_losses_by_hand():
         policy_loss(lp.detach(), old, adv, mask, clip_ratio_c=0.5, **kw)
 
 
+def test_default_clip_range_is_the_gspo_papers():
+    """policy_loss's defaults clip the sequence ratio to [1 - 3e-4, 1 + 4e-4] (GSPO paper): ratios just
+    inside and just outside each bound, with the advantage sign that makes that bound bind."""
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    for ratio, adv, clipped in ((1 - 2.5e-4, -1.0, False), (1 - 3.5e-4, -1.0, True),
+                                (1 + 3.5e-4, 1.0, False), (1 + 4.5e-4, 1.0, True)):
+        lp = torch.full((1, 2), math.log(ratio))
+        loss, metrics = policy_loss(lp, old, torch.full((1, 2), adv), mask)
+        bound = (1 - 3e-4) if adv < 0 else (1 + 4e-4)
+        assert loss.item() == pytest.approx(-adv * (bound if clipped else ratio), rel=1e-12, abs=0), ratio
+        assert metrics["pg_clipfrac"].item() == float(clipped), ratio
+
+
+def test_dual_clip_leaves_positive_advantages_alone():
+    """Only A < 0 is capped: small positive advantages (0 < A < 1, where -A*c is above nothing the PPO
+    loss reaches) and A = 0 keep the plain clipped loss and count as no dual clip."""
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[5.0, 0.5, 5.0]]))
+    adv = torch.tensor([[0.5, 0.25, 0.0]])
+    mask = torch.ones(1, 3)
+    kw = dict(mode="grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="seq-mean-token-sum")
+    loss, metrics = policy_loss(lp, old, adv, mask, clip_ratio_c=3.0, **kw)
+    # -min(r A, clip(r) A): 5 -> 1.2 for A=0.5; 0.5 -> 0.8 for A=0.25 (the unclipped 0.5 is smaller)
+    assert loss.item() == pytest.approx(-0.5 * 1.2 - 0.25 * 0.5, rel=1e-9)
+    assert metrics["pg_clipfrac_lower"].item() == 0.0
+
+
 def test_dual_clip_acts_on_the_sequence_ratio_in_gspo():
     old = torch.zeros(2, 2)
     lp = torch.log(torch.tensor([[4.0, 4.0], [4.0, 4.0]]))

@@ -196,13 +196,13 @@ def policy_loss(
     agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm=norm)
     pg_loss = aggregate_loss(loss_mat, mask, loss_agg_mode, **agg)
     loss = pg_loss
-    with torch.no_grad():
-        neg_log_ratio = -token_log_ratio.detach()
+    with torch.no_grad():  # metrics: no graph (hence no .detach() on what is computed in here)
+        neg_log_ratio = -token_log_ratio
         metrics = {
             "pg_loss": pg_loss.detach(),
             "pg_clipfrac": _masked_mean(clipped.to(mask.dtype), mask),
             "pg_clipfrac_lower": _masked_mean(dual.to(mask.dtype), mask),
-            "ratio_mean": _masked_mean(ratio.detach(), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
             "seq_ratio_mean": _masked_mean(torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)),
                                            (mask.sum(-1) > 0).to(mask.dtype)),
             # KL(pi_old || pi) estimated from samples of pi_old: k1 = mean(log old - log new), k3 unbiased.

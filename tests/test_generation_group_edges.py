@@ -1,0 +1,58 @@
+"""The decode loop's group behaviour on a random tiny MoE at EP2, one cheap launch (no conversion):
+ranks that step together must stop together and keep serving each other's expert exchanges.
+
+* A rank with no prompts at all joins the other's prefill and decode forwards until it is done
+  (it returns nothing, the other rank its completions): expert parallelism's lockstep.
+* A KV cache that does not fit on one rank stops the whole group: the other rank raises too, naming
+  the rank that could not allocate, instead of waiting for it forever.
+"""
+from __future__ import annotations
+
+import pytest
+
+from megagsm.testing.multirank import run_ranks
+from megagsm.testing.parity import TinyGPTSpec
+
+pytestmark = pytest.mark.multirank
+
+SPEC = TinyGPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                   ffn_hidden_size=64, vocab_size=128, seq_length=32, num_moe_experts=4)
+
+
+def _worker(spec):
+    import torch.distributed as dist
+
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.generation import KVCacheTooLarge, SamplingParams, generate
+    from megagsm.runtime import init_runtime
+    from megagsm.testing.parity import tiny_gpt_model
+
+    parallel = ParallelConfig(ep=2, use_distributed_optimizer=False)
+    init_runtime(parallel, seed=1)
+    model = tiny_gpt_model(spec, parallel)[0].eval()
+    rank = dist.get_rank()
+    params = SamplingParams(max_new_tokens=5, greedy=True)
+    mine = [[3, 4, 5], [6, 7]] if rank == 0 else []
+    out = {"lengths": generate(model, mine, params, vocab_limit=spec.vocab_size).lengths.tolist()}
+    try:  # rank 1's cache may take 1000 bytes: far too few
+        generate(model, [[3, 4, 5]], params, vocab_limit=spec.vocab_size,
+                 kv_cache_bytes=1000 if rank == 1 else None)
+        out["too_large"] = None
+    except KVCacheTooLarge as e:
+        out["too_large"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_worker, 2, SPEC, timeout=300)
+
+
+def test_a_rank_without_prompts_serves_the_others_until_they_finish(results):
+    assert results[0]["lengths"] == [5, 5]
+    assert results[1]["lengths"] == []
+
+
+def test_a_kv_cache_too_large_on_one_rank_stops_both(results):
+    assert results[1]["too_large"] is not None and "the KV cache" in results[1]["too_large"]
+    assert results[0]["too_large"] is not None and results[0]["too_large"].startswith("on rank 1: the KV cache")
