@@ -13,7 +13,9 @@ import pytest
 from megagsm.testing.multirank import run_ranks
 from megagsm.testing.parity import TinyGPTSpec
 
-pytestmark = pytest.mark.multirank
+# slow: tests/test_generation.py's 2-rank launch checks both in `make test`; this cheaper launch of
+# its own is what `make mutate` runs for the decode loop (megagsm/testing/mutation_targets.py)
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 SPEC = TinyGPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                    ffn_hidden_size=64, vocab_size=128, seq_length=32, num_moe_experts=4)

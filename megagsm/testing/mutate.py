@@ -278,23 +278,24 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
             progress(f"{module}: {len(planned[-1][3])} of {len(found)} mutants"
                      + (f" ({len(skipped)} more recorded as equivalent)" if skipped else ""))
 
-        def baseline(tests):
+        def baseline(key):
+            tests, slow = key
             tree = trees.get()
             try:
-                status, seconds = run_tests(tree, list(tests), 1800, fork)
+                status, seconds = run_tests(tree, list(tests), 1800, fork, slow)
             finally:
                 trees.put(tree)
             progress(f"baseline {' '.join(tests)}: {status} in {seconds:.0f}s")
-            return tests, {"status": status, "seconds": seconds}
+            return key, {"status": status, "seconds": seconds}
 
-        def one(mutant, source, tests, timeout):
+        def one(mutant, source, tests, timeout, slow):
             tree = trees.get()
             path = tree / mutant.module
             try:
                 path.write_text(apply_mutant(source, mutant))
-                status, mutant.seconds = run_tests(tree, tests, timeout, fork)
+                status, mutant.seconds = run_tests(tree, tests, timeout, fork, slow)
                 if status == "timeout":  # once more, with room for a load spike on a shared machine
-                    status, mutant.seconds = run_tests(tree, tests, 3 * timeout, fork)
+                    status, mutant.seconds = run_tests(tree, tests, 3 * timeout, fork, slow)
             finally:
                 path.write_text(source)
                 trees.put(tree)
@@ -304,15 +305,17 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
 
         with cf.ThreadPoolExecutor(jobs) as pool:
             # the unmutated tests, once per distinct test list (modules often share one)
-            by_tests = dict(pool.map(baseline, dict.fromkeys(tuple(spec["tests"]) for _, spec, _, _ in planned)))
-            report.baseline = {module: by_tests[tuple(spec["tests"])] for module, spec, _, _ in planned}
+            keys = {module: (tuple(spec["tests"]), bool(spec.get("slow"))) for module, spec, _, _ in planned}
+            by_tests = dict(pool.map(baseline, dict.fromkeys(keys.values())))
+            report.baseline = {module: by_tests[keys[module]] for module, _, _, _ in planned}
             futures = []
             for module, spec, source, mutants in planned:
                 base = report.baseline[module]
                 if base["status"] != "passed":
                     continue
                 timeout = max(timeout_factor * base["seconds"], base["seconds"] + 30)
-                futures += [pool.submit(one, m, source, spec["tests"], timeout) for m in mutants]
+                futures += [pool.submit(one, m, source, spec["tests"], timeout, bool(spec.get("slow")))
+                            for m in mutants]
             report.mutants = [f.result() for f in futures]
     report.seconds = time.perf_counter() - start
     return report
@@ -376,13 +379,11 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--module {unknown[0]}: not in TARGETS (choose from {', '.join(TARGETS)})")
         targets = {m: TARGETS[m] for m in args.module}
-    stale = stale_equivalents(args.root, EQUIVALENT)
-    if stale:
-        p.error("EQUIVALENT names mutants that no longer exist (update megagsm/testing/mutation_targets.py): "
-                + "; ".join(f"{e['module']}: {e['mutation']} in {e['line']!r}" for e in stale))
     report = run(args.root, targets, args.max_mutants, args.jobs, args.timeout_factor, fork=not args.no_fork,
                  equivalent=EQUIVALENT)
     print(report.text())
+    for e in stale_equivalents(args.root, EQUIVALENT):  # the code moved: review the entry
+        print(f"stale EQUIVALENT entry (no such mutant now): {e['module']}: {e['mutation']} in {e['line']!r}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"score": report.score, "seconds": report.seconds,
