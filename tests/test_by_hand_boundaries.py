@@ -225,3 +225,18 @@ def test_top_k_at_or_above_the_vocabulary_is_off():
             assert torch.equal(tokens, off), (k, top_p)
     below, _ = Sampler(SamplingParams(top_k=19, seed=3), torch.device("cpu"))(logits)
     assert not torch.equal(below, off)  # the comparison can tell the paths apart
+
+
+def test_top_p_one_is_off():
+    """top_p = 1.0 masks nothing. At a real vocabulary size (Qwen2's 152064) fp32 rounding makes the
+    cumulative mass before some tail tokens reach 1.0, so a filter applied at top_p = 1 would drop them
+    and renormalise: the processed log-prob of the drawn token is exactly the full log-softmax."""
+    from megagsm.generation.sampling import Sampler, SamplingParams
+
+    logits = torch.randn(4, 152064, generator=torch.Generator().manual_seed(0)) * 4
+    tokens, logprobs = Sampler(SamplingParams(top_p=1.0, logprobs="processed", seed=0), torch.device("cpu"))(logits)
+    pick = tokens.unsqueeze(-1)
+    assert torch.equal(logprobs, torch.log_softmax(logits, dim=-1).gather(-1, pick).squeeze(-1))
+    probs = torch.softmax(logits, dim=-1)
+    dropped = logits.masked_fill(probs.cumsum(-1) - probs >= 1.0, float("-inf"))  # a filter at top_p = 1
+    assert not torch.equal(torch.log_softmax(dropped, dim=-1).gather(-1, pick).squeeze(-1), logprobs)

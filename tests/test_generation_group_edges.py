@@ -30,12 +30,13 @@ def _worker(spec):
     from megagsm.testing.parity import tiny_gpt_model
 
     parallel = ParallelConfig(ep=2, use_distributed_optimizer=False)
-    init_runtime(parallel, seed=1)
+    init_runtime(parallel, seed=1, timeout_minutes=1)  # a rank left waiting fails the test within a minute
     model = tiny_gpt_model(spec, parallel)[0].eval()
     rank = dist.get_rank()
     params = SamplingParams(max_new_tokens=5, greedy=True)
     mine = [[3, 4, 5], [6, 7]] if rank == 0 else []
-    out = {"lengths": generate(model, mine, params, vocab_limit=spec.vocab_size).lengths.tolist()}
+    r = generate(model, mine, params, vocab_limit=spec.vocab_size)
+    out = {"lengths": r.lengths.tolist(), "shape": list(r.tokens.shape), "logprobs_shape": list(r.logprobs.shape)}
     try:  # rank 1's cache may take 1000 bytes: far too few
         generate(model, [[3, 4, 5]], params, vocab_limit=spec.vocab_size,
                  kv_cache_bytes=1000 if rank == 1 else None)
@@ -53,6 +54,9 @@ def results():
 def test_a_rank_without_prompts_serves_the_others_until_they_finish(results):
     assert results[0]["lengths"] == [5, 5]
     assert results[1]["lengths"] == []
+    # outputs are as wide as the longest completion: 5 tokens, and none at all on the empty rank
+    assert results[0]["shape"] == results[0]["logprobs_shape"] == [2, 5]
+    assert results[1]["shape"] == results[1]["logprobs_shape"] == [0, 0]
 
 
 def test_a_kv_cache_too_large_on_one_rank_stops_both(results):

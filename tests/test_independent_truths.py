@@ -115,13 +115,22 @@ def _normalisation_case(spec):
                                                         clip_grad=1e9, use_distributed_optimizer=False))
     result = train_step(chunks, optimizer, microbatches, len(microbatches), s, 2)
     moved = {n: before[n] - p.detach() for n, p in chunks[0].module.named_parameters()}
+    # the per-microbatch reports hold numbers, not the step's autograd graph (kept alive it would hold
+    # every activation of the step)
+    reports_detached = all(r["lm_loss"].grad_fn is None and not r["lm_loss"].requires_grad for r in result.reports)
+    # a batch without a single loss token: loss 0 over 0 tokens, not a division by zero
+    from megagsm.models.training import eval_step
+
+    no_tokens = [dict(mb, loss_mask=torch.zeros_like(mb["loss_mask"])) for mb in microbatches]
+    empty_eval = eval_step(chunks, no_tokens, len(no_tokens), s, 2)
     # a non-finite loss is reported to the caller (megatron's DDP NaN check is off), not raised inside
     with torch.no_grad():
         chunks[0].module.output_layer.weight[0, 0] = float("nan")  # every logsumexp, hence the loss, is NaN
     nan_step = train_step(chunks, optimizer, microbatches, len(microbatches), s, 2)
     return {"hand_loss": loss.item(), "mean_of_means": mean_of_means, "loss": result.loss, "num_tokens": result.num_tokens,
             "hand_grads": {n: (g if g is not None else torch.zeros_like(before[n])) for n, g in zip(params, grads)},
-            "sgd_steps": moved, "nan_step": (nan_step.loss, nan_step.grad_norm)}
+            "sgd_steps": moved, "nan_step": (nan_step.loss, nan_step.grad_norm),
+            "reports_detached": reports_detached, "empty_eval": empty_eval}
 
 
 def _tempered_log_probs_case():
@@ -218,6 +227,12 @@ def test_loss_is_the_global_token_mean_over_unequal_microbatches(results):
     for name, grad in r["hand_grads"].items():
         torch.testing.assert_close(r["sgd_steps"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert max(g.abs().max().item() for g in r["hand_grads"].values()) > 1e-3
+
+
+@pytest.mark.multirank
+def test_step_reports_are_detached_and_an_empty_batch_has_loss_zero(results):
+    assert results["norm"]["reports_detached"]
+    assert results["norm"]["empty_eval"] == (0.0, 0)
 
 
 @pytest.mark.multirank

@@ -19,7 +19,6 @@ class Norm(torch.nn.Module):
         config: TransformerConfig,
         hidden_size: int,
         eps: float,  # no default: megatron passes config.layernorm_epsilon to every norm it builds
-        persist_layer_norm: bool = False,
         zero_centered_gamma: bool = False,
         normalization: str | None = None,
     ):

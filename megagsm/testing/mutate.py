@@ -15,9 +15,9 @@ file is byte-identical): comparison boundaries and negations, + <-> -, * <-> /, 
 True <-> False, `.detach()` dropped, mean <-> sum, max <-> min. Code inside raise/assert statements,
 log calls, strings and annotations is not mutated (messages, not behaviour).
 
-A mutant is killed when its tests fail, error or time out (a timed-out mutant is run once more with
-three times the timeout first: on a shared machine a load spike is not a kill); it survives when they
-pass. Mutants listed in `EQUIVALENT` (mutation_targets.py: no input can tell them from the original,
+A mutant is killed when its tests fail, error or time out (a mutant that timed out while the machine's
+load average exceeded its core count is run once more with twice the timeout first: on a shared
+machine a load spike is not a kill); it survives when they pass. Mutants listed in `EQUIVALENT` (mutation_targets.py: no input can tell them from the original,
 each with its reason) are not run. Per module, at most `--max-mutants` of the others are run, sampled
 deterministically (seeded by the module path).
 """
@@ -27,6 +27,7 @@ import argparse
 import ast
 import concurrent.futures as cf
 import json
+import os
 import queue
 import random
 import sys
@@ -294,8 +295,9 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
             try:
                 path.write_text(apply_mutant(source, mutant))
                 status, mutant.seconds = run_tests(tree, tests, timeout, fork, slow)
-                if status == "timeout":  # once more, with room for a load spike on a shared machine
-                    status, mutant.seconds = run_tests(tree, tests, 3 * timeout, fork, slow)
+                if status == "timeout" and os.getloadavg()[0] > (os.cpu_count() or 1):
+                    # once more, with room for the load spike (a real hang then costs 3 timeouts)
+                    status, mutant.seconds = run_tests(tree, tests, 2 * timeout, fork, slow)
             finally:
                 path.write_text(source)
                 trees.put(tree)
