@@ -139,6 +139,10 @@ def test_conversation_sample_labels_are_the_next_tokens(tokenizer):
     response = tokenizer("w12 w13", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     picked = [t for t, m in zip(labels, sample["loss_mask"].tolist()) if m == 1.0]
     assert picked == response
+    # seq_length n holds n + 1 raw tokens (inputs and labels overlap by all but one): exactly this one
+    exact = build_conversation_sample(messages, tokenizer, n, use_chat_template="never")
+    assert exact["input_ids"].tolist() == ids
+    assert len(build_conversation_sample(messages, tokenizer, n - 1, use_chat_template="never")["input_ids"]) == n - 1
 
 
 def test_router_top_k_is_between_one_and_the_expert_count():
@@ -158,6 +162,17 @@ def test_router_top_k_is_between_one_and_the_expert_count():
     for topk, normalize in ((1, True), (2, False)):
         with pytest.raises(ModelInputError, match=f"norm_topk_prob={str(normalize).lower()} with num_experts_per_tok={topk}"):
             router_fields({}, topk=topk, normalize=normalize, **sigmoid)
+
+
+def test_expert_groups_must_split_the_experts():
+    from megagsm.models.errors import ModelInputError
+    from megagsm.models.families.moe import router_fields
+
+    kw = dict(score="sigmoid", topk=4, num_experts=8, normalize=True, group_score_topk=2)
+    assert router_fields({}, num_groups=4, group_topk=2, **kw)["moe_router_num_groups"] == 4
+    for groups, keep in ((4, None), (3, 2), (4, 5)):  # no topk_group, 8 % 3 experts, more kept than there are
+        with pytest.raises(ModelInputError, match=f"n_group={groups}, topk_group={keep} do not split 8 experts"):
+            router_fields({}, num_groups=groups, group_topk=keep, **kw)
 
 
 def test_mlp_only_layers_edges():

@@ -7,7 +7,7 @@
 * the weight rules name exactly the tensors transformers' save_pretrained writes for that config;
 * the tensors an export leaves in their stored dtype (`cast=False`) are exactly the ones transformers
   keeps in fp32 when it saves the model in bf16 (its _keep_in_fp32_modules);
-* `Family.is_moe` is true exactly for the families whose checkpoints hold routed experts.
+* `Family.is_moe`, the expert count and the (gated) shared expert match what the checkpoints hold.
 """
 from __future__ import annotations
 
@@ -119,10 +119,17 @@ def test_uncast_tensors_are_the_ones_transformers_keeps_in_fp32(name, checkpoint
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_is_moe_means_the_checkpoint_has_routed_experts(name, checkpoints):
+def test_expert_settings_match_the_checkpoint(name, checkpoints):
+    """is_moe, the routed expert count and the shared expert (and its sigmoid gate) exactly when
+    transformers' checkpoint has them."""
     hf, saved, _ = checkpoints[name]
-    has_experts = any(".mlp.experts." in n for n in saved)
-    assert family_for(hf["model_type"]).is_moe == has_experts
+    family = family_for(hf["model_type"])
+    config = family.settings(dict(hf)).config
+    experts = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in saved if ".mlp.experts." in n}
+    assert family.is_moe == bool(experts)
+    assert (config.get("num_moe_experts") or 0) == len(experts)
+    assert bool(config.get("moe_shared_expert_intermediate_size")) == any(".mlp.shared_expert" in n for n in saved)
+    assert bool(config.get("moe_shared_expert_gate")) == any(".mlp.shared_expert_gate." in n for n in saved)
 
 
 def test_family_records_are_immutable():

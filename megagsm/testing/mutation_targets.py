@@ -16,6 +16,7 @@ _FCE = "tests/test_fused_ce.py::"
 _TRUTHS = "tests/test_independent_truths.py"
 _HF = "tests/test_hf_truths.py"
 _BY_HAND = "tests/test_by_hand_boundaries.py"
+_DATA_BY_HAND = "tests/test_by_hand_data.py"
 _FAMILIES = "tests/test_family_truths.py"  # config.json read as transformers reads it, weight names, fp32 tensors
 _CONFIG_TESTS = ["tests/test_convert_mapping.py", "tests/test_moe_config.py", _BY_HAND, _FAMILIES]
 _SAMPLER_TRUTHS = [_TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary",
@@ -26,9 +27,9 @@ TARGETS: dict[str, dict] = {
     "megagsm/rl/batching.py": {"tests": ["tests/test_rl_batching.py", _BY_HAND + "::test_default_advantages_are_std_normalised_by_hand"],
                                "functions": ["compute_advantages"]},
     "megagsm/rewards/gsm8k.py": {"tests": ["tests/test_rewards.py"]},
-    "megagsm/data/packing.py": {"tests": ["tests/test_data.py"]},
-    "megagsm/data/sft_dataset.py": {"tests": ["tests/test_data.py", _BY_HAND]},
-    "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", *_SAMPLER_TRUTHS]},
+    "megagsm/data/packing.py": {"tests": ["tests/test_data.py", _DATA_BY_HAND]},
+    "megagsm/data/sft_dataset.py": {"tests": ["tests/test_data.py", _BY_HAND, _DATA_BY_HAND]},
+    "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", *_SAMPLER_TRUTHS, _DATA_BY_HAND]},
     "megagsm/models/mapping.py": {"tests": ["tests/test_convert_mapping.py", _FAMILIES, _HF]},
     # the families that tests/test_hf_truths.py converts and runs (qwen2, gemma) against transformers
     **{f"megagsm/models/families/{name}.py": {"tests": [*_CONFIG_TESTS, _HF]}
@@ -170,6 +171,22 @@ EQUIVALENT: list[dict] = [
                 "predicted = logits.gather(1, local_target[lo:hi].unsqueeze(-1)).squeeze(-1)",
                 "chunk_sum = logits.exp_().sum(dim=-1)",
                 "probs.sub_(logits_max[lo:hi].unsqueeze(-1)).exp_()"),
+    *_same_axis("megagsm/data/packing.py", "document_ids is [B, S] here (a 1-D row was made [1, S] just above)",
+                "seq = document_ids.shape[-1]"),
+    {"module": "megagsm/models/families/deepseek.py",
+     "line": "return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0", "mutation": "LtE -> Lt",
+     "why": "at scale == 1 the other branch is 0.1 * mscale * log(1) + 1.0 == 1.0 exactly"},
+    {"module": "megagsm/rl/losses.py", "line": "dual = (advantages < 0) & (loss > cap)", "mutation": "Lt -> LtE",
+     "why": "at advantage 0 both the loss (-0 * ratio, ratios are clamped finite) and the cap (-0 * c) are "
+            "+-0.0, so `loss > cap` is False and nothing is capped either way"},
+    {"module": "megagsm/rl/losses.py", "line": "log_ratio = log_ratio.clamp(-20.0, 20.0)",
+     "mutation": "constant 20.0 -> 40.0",
+     "why": "the result is clamped to 10, which k3 reaches at log-ratio 11 (and -2.7): beyond +-20 it is 10 "
+            "with no gradient under either bound, and exp(40) is still finite in fp32 and bf16"},
+    {"module": "megagsm/data/sampler.py", "line": "generator.manual_seed((self.seed * 1_000_003 + epoch) % (2**63))",
+     "mutation": "constant 63 -> 64",
+     "why": "torch's CPU generator (mt19937) is seeded from the low 32 bits of the seed, which x mod 2^63 and "
+            "x mod 2^64 share (the same permutation for every seed and epoch)"},
     {"module": "megagsm/models/training.py", "line": "overlap_grad_reduce=False,", "mutation": "constant False -> True",
      "why": "a scheduling flag: megatron then issues the same data-parallel all-reduces from backward hooks, "
             "during the backward instead of after it, so the reduced gradients are the same sums (DP2 training "

@@ -68,7 +68,7 @@ def llama_settings(hf: dict, *, tied_default: bool = False, derived: tuple[str, 
     derived: which of head_dim / num_key_value_heads the family's transformers config class derives
     when config.json omits them (hidden_size / num_attention_heads, num_attention_heads); the others
     are required, since there the class substitutes a fixed default of its own (Qwen2's 32 KV heads,
-    Gemma's head_dim 256...) that a checkpoint is never built with."""
+    Gemma's head_dim 256...) that says nothing about the checkpoint at hand."""
     hidden, heads = int(need(hf, "hidden_size")), int(need(hf, "num_attention_heads"))
     head_dim = hf.get("head_dim") or (hidden // heads if "head_dim" in derived else need(hf, "head_dim"))
     kv_heads = hf.get("num_key_value_heads") or (heads if "num_key_value_heads" in derived
