@@ -79,7 +79,8 @@ def test_registry_lists_and_loads_every_family():
 
 def _cfg(model_type, **fields):
     base = dict(model_type=model_type, vocab_size=1000, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6)
+                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                max_position_embeddings=4096)
     return {**base, **fields}
 
 

@@ -10,6 +10,7 @@ per-microbatch denominators, a dropped temperature) moves results by more than 1
 """
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -65,6 +66,14 @@ def _lora_case(spec):
             case["train"] = linear(x)[0]
         out[name] = case
     out["adapter_names"] = sorted(lora_parameters(chunks))
+    from megagsm.models.lora import merge_lora
+
+    merge_lora(chunks)  # W += (alpha / r) B A in place, adapters removed
+    model.eval()
+    with torch.no_grad():
+        for name in ("linear_qkv", "linear_proj"):
+            out[name]["merged"] = getattr(attention, name)(out[name]["x"])[0]
+    out["names_after_merge"] = sorted(n for n, _ in model.named_parameters())
     return out
 
 
@@ -106,9 +115,22 @@ def _normalisation_case(spec):
                                                         clip_grad=1e9, use_distributed_optimizer=False))
     result = train_step(chunks, optimizer, microbatches, len(microbatches), s, 2)
     moved = {n: before[n] - p.detach() for n, p in chunks[0].module.named_parameters()}
+    # the per-microbatch reports hold numbers, not the step's autograd graph (kept alive it would hold
+    # every activation of the step)
+    reports_detached = all(r["lm_loss"].grad_fn is None and not r["lm_loss"].requires_grad for r in result.reports)
+    # a batch without a single loss token: loss 0 over 0 tokens, not a division by zero
+    from megagsm.models.training import eval_step
+
+    no_tokens = [dict(mb, loss_mask=torch.zeros_like(mb["loss_mask"])) for mb in microbatches]
+    empty_eval = eval_step(chunks, no_tokens, len(no_tokens), s, 2)
+    # a non-finite loss is reported to the caller (megatron's DDP NaN check is off), not raised inside
+    with torch.no_grad():
+        chunks[0].module.output_layer.weight[0, 0] = float("nan")  # every logsumexp, hence the loss, is NaN
+    nan_step = train_step(chunks, optimizer, microbatches, len(microbatches), s, 2)
     return {"hand_loss": loss.item(), "mean_of_means": mean_of_means, "loss": result.loss, "num_tokens": result.num_tokens,
             "hand_grads": {n: (g if g is not None else torch.zeros_like(before[n])) for n, g in zip(params, grads)},
-            "sgd_steps": moved}
+            "sgd_steps": moved, "nan_step": (nan_step.loss, nan_step.grad_norm),
+            "reports_detached": reports_detached, "empty_eval": empty_eval}
 
 
 def _tempered_log_probs_case():
@@ -151,6 +173,28 @@ def test_lora_linear_is_the_closed_form(results, name):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("name", ["linear_qkv", "linear_proj"])
+def test_merged_lora_is_the_closed_form(results, name):
+    """merge_lora folds (alpha / r) B A into W: the plain linear then computes x (W + (alpha / r) B A)^T."""
+    c = results["lora"][name]
+    x, W, A, B = c["x"], c["W"], c["A"], c["B"]
+    _close(c["merged"], x @ (W + ALPHA / RANK * B @ A).T + (c["bias"] if c["bias"] is not None else 0))
+    assert not any("_lora" in n for n in results["lora"]["names_after_merge"])
+
+
+def test_lora_refuses_a_target_that_is_not_a_megatron_parallel_linear():
+    """A targeted name on a module LoRA cannot wrap (a plain torch Linear here, as transformer-engine's
+    fused modules would be) is an error naming it, never silently left without an adapter."""
+    from megagsm.models.lora import _targets_in_layer
+
+    layer = torch.nn.Module()
+    layer.self_attention = torch.nn.Module()
+    layer.self_attention.linear_qkv = torch.nn.Linear(4, 12)
+    with pytest.raises(ValueError, match="self_attention.linear_qkv is a Linear"):
+        _targets_in_layer(layer, {"linear_qkv"})
+
+
+@pytest.mark.multirank
 def test_lora_parameters_are_exactly_the_adapters(results):
     names = results["lora"]["adapter_names"]
     want = sorted(f"decoder.layers.{i}.self_attention.{lin}_lora.weight_{ab}"
@@ -183,6 +227,18 @@ def test_loss_is_the_global_token_mean_over_unequal_microbatches(results):
     for name, grad in r["hand_grads"].items():
         torch.testing.assert_close(r["sgd_steps"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert max(g.abs().max().item() for g in r["hand_grads"].values()) > 1e-3
+
+
+@pytest.mark.multirank
+def test_step_reports_are_detached_and_an_empty_batch_has_loss_zero(results):
+    assert results["norm"]["reports_detached"]
+    assert results["norm"]["empty_eval"] == (0.0, 0)
+
+
+@pytest.mark.multirank
+def test_a_non_finite_loss_is_reported_not_raised(results):
+    loss, grad_norm = results["norm"]["nan_step"]
+    assert math.isnan(loss) and grad_norm is not None and not math.isfinite(grad_norm)
 
 
 @pytest.mark.multirank

@@ -123,7 +123,7 @@ def test_layernorm_matches_torch_and_marks_sequence_parallel_params():
     with torch.no_grad():
         for p in (norm.weight, ref.weight, norm.bias, ref.bias):
             p.copy_(torch.linspace(-1, 1, 32))
-    x = torch.randn(4, 32)
+    x = torch.randn(5, 4, 32)  # [s, b, h], as in the model: statistics over the last axis only
     torch.testing.assert_close(norm(x), ref(x), rtol=1e-5, atol=1e-5)
     # megatron all-reduces these grads over TP only when flagged
     assert norm.weight.sequence_parallel and norm.bias.sequence_parallel
@@ -131,7 +131,7 @@ def test_layernorm_matches_torch_and_marks_sequence_parallel_params():
 
 def test_unknown_normalization_names_allowed_values():
     with pytest.raises(ValueError, match="RMSNorm, LayerNorm"):
-        Norm(_config(), 32, normalization="L2Norm")
+        Norm(_config(), 32, eps=1e-5, normalization="L2Norm")
 
 
 # ---------------------------------------------------------------- packed sequences (THD)

@@ -19,7 +19,7 @@ def hf_config(name: str, **changes) -> dict:
     model_type, overrides = MOE_CASES[name]
     cfg = tiny_config(model_type, **overrides).to_dict()
     cfg.update(changes)
-    return {k: v for k, v in cfg.items() if v is not None or k in changes}
+    return cfg  # with its nulls, as save_pretrained writes config.json (an absent field means a default)
 
 
 def test_routing_translation():
@@ -124,6 +124,9 @@ def test_mtp_tensors_are_skipped_not_ignored():
 
     assert re.fullmatch(pattern, "model.layers.2.eh_proj.weight")
     assert not re.fullmatch(pattern, "model.layers.1.mlp.gate.weight")
+    # DeepSeek-V2 has no MTP layers (DeepseekV2Config has no such field): a tensor past the last
+    # layer is an unmapped tensor there, never silently skipped
+    assert provider_for(hf_config("deepseek_v2")).weight_map.skipped_hf == {}
 
 
 YARN = [
@@ -133,6 +136,7 @@ YARN = [
     {"factor": 4.0, "mscale_all_dim": 1.0},                       # no mscale: transformers ignores all_dim for cos/sin
     {"factor": 4.0, "attention_factor": 1.2, "mscale": 1.0, "mscale_all_dim": 1.0},
     {"factor": 2.0, "beta_fast": 16, "beta_slow": 2},
+    {"factor": 0.5},                                              # a factor <= 1 scales nothing (mscale 1)
 ]
 
 

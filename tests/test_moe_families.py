@@ -220,8 +220,11 @@ def test_bf16_export_keeps_routing_bias_fp32(moe_run):
     back = root / "deepseek_v3.bf16"
     convert_mcore_to_hf(root / "deepseek_v3.mcore", back, dtype="bfloat16", progress=False)
     exported = _hf_tensors(back)
+    # transformers keeps DeepSeek's router weight and bias in fp32 (_keep_in_fp32_modules_strict)
     assert exported["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
-    assert exported["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    assert exported["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert exported["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.bfloat16
+    assert exported["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
 
 

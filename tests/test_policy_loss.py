@@ -283,13 +283,34 @@ def test_kl_penalty_by_hand():
     k3 = torch.tensor([[math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]])
     torch.testing.assert_close(kl_penalty(lp, ref, "k3"), k3)
     torch.testing.assert_close(kl_penalty(lp, ref, "low_var_kl"), k3)
-    # low_var_kl clamps the log-ratio to [-10, 10] and the result to at most 10
-    assert kl_penalty(torch.tensor([[-40.0]]), torch.tensor([[0.0]]), "low_var_kl").item() == 10.0
-    assert kl_penalty(torch.tensor([[0.0]]), torch.tensor([[-40.0]]), "low_var_kl").item() == pytest.approx(
-        math.exp(-10.0) - 1 + 10.0
-    )
+    # low_var_kl as verl computes it: kl = ref - logp clamped to [-20, 20], then exp(kl) - kl - 1
+    # clamped to [-10, 10]; between log-ratios 10 and 11 neither clamp acts (the value and its gradient
+    # are k3's), beyond that the result is 10
+    def verl(logp, ref):
+        kl = min(max(ref - logp, -20.0), 20.0)
+        return min(max(math.exp(kl) - kl - 1, -10.0), 10.0)
+
+    for logp, ref in ((-40.0, 0.0), (0.0, -40.0), (0.0, -10.5), (0.0, -15.0), (-2.0, 0.0)):
+        got = kl_penalty(torch.tensor([[logp]]), torch.tensor([[ref]]), "low_var_kl").item()
+        assert got == pytest.approx(verl(logp, ref), rel=1e-9), (logp, ref)
+    assert kl_penalty(torch.tensor([[0.0]]), torch.tensor([[-10.5]]), "low_var_kl").item() < 10.0
     with pytest.raises(ValueError, match="kind must be"):
         kl_penalty(lp, ref, "k4")
+
+
+def test_group_advantages_of_one_reward_has_zero_std():
+    adv, stats = group_advantages(torch.tensor([3.0]), 1)
+    assert adv.tolist() == [0.0] and stats["reward_std"] == 0.0 and stats["reward_mean"] == 3.0
+
+
+def test_seq_ratio_mean_skips_empty_sequences():
+    """The metric is the mean sequence ratio over sequences with response tokens: an empty row (ratio
+    exp(0) = 1 by construction) must not pull it towards 1."""
+    lp = torch.tensor([[math.log(2.0), math.log(2.0)], [5.0, 5.0]])
+    old, adv = torch.zeros(2, 2), torch.ones(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    _, metrics = policy_loss(lp, old, adv, mask, mode="gspo")
+    assert metrics["seq_ratio_mean"].item() == pytest.approx(2.0, rel=1e-12)
 
 
 def test_kl_term_is_off_by_default_and_added_when_asked():
@@ -358,6 +379,33 @@ def test_dual_clip_caps_negative_advantage_losses_by_hand():
     assert no_dual.item() == pytest.approx(-1.2 + 5.0 + 2.2, rel=1e-6) and m["pg_clipfrac_lower"].item() == 0.0
     with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
         policy_loss(lp.detach(), old, adv, mask, clip_ratio_c=0.5, **kw)
+
+
+def test_default_clip_range_is_the_gspo_papers():
+    """policy_loss's defaults clip the sequence ratio to [1 - 3e-4, 1 + 4e-4] (GSPO paper): ratios just
+    inside and just outside each bound, with the advantage sign that makes that bound bind."""
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    for ratio, adv, clipped in ((1 - 2.5e-4, -1.0, False), (1 - 3.5e-4, -1.0, True),
+                                (1 + 3.5e-4, 1.0, False), (1 + 4.5e-4, 1.0, True)):
+        lp = torch.full((1, 2), math.log(ratio))
+        loss, metrics = policy_loss(lp, old, torch.full((1, 2), adv), mask)
+        bound = (1 - 3e-4) if adv < 0 else (1 + 4e-4)
+        assert loss.item() == pytest.approx(-adv * (bound if clipped else ratio), rel=1e-12, abs=0), ratio
+        assert metrics["pg_clipfrac"].item() == float(clipped), ratio
+
+
+def test_dual_clip_leaves_positive_advantages_alone():
+    """Only A < 0 is capped: small positive advantages (0 < A < 1, where -A*c is above nothing the PPO
+    loss reaches) and A = 0 keep the plain clipped loss and count as no dual clip."""
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[5.0, 0.5, 5.0]]))
+    adv = torch.tensor([[0.5, 0.25, 0.0]])
+    mask = torch.ones(1, 3)
+    kw = dict(mode="grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="seq-mean-token-sum")
+    loss, metrics = policy_loss(lp, old, adv, mask, clip_ratio_c=3.0, **kw)
+    # -min(r A, clip(r) A): 5 -> 1.2 for A=0.5; 0.5 -> 0.8 for A=0.25 (the unclipped 0.5 is smaller)
+    assert loss.item() == pytest.approx(-0.5 * 1.2 - 0.25 * 0.5, rel=1e-9)
+    assert metrics["pg_clipfrac_lower"].item() == 0.0
 
 
 def test_dual_clip_acts_on_the_sequence_ratio_in_gspo():

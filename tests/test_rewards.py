@@ -1,5 +1,7 @@
 """GSM8K reward and the reward registry."""
 
+from decimal import Decimal
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -124,3 +126,11 @@ def test_registry():
     register_reward("test_always_one")(always_one)  # re-registering the same function is harmless
     with pytest.raises(ValueError, match="already registered"):
         register_reward("test_always_one")(lambda s, g: 0.0)
+
+
+def test_fractions_up_to_sixty_digits_are_evaluated():
+    """Fractions are evaluated exactly while numerator and denominator have 60 digits together
+    (longer ones are not numbers: an exact division of huge numbers would be slow)."""
+    assert parse_number("1/1" + "0" * 58) == Decimal("1e-58")          # 1 + 59 digits
+    assert parse_number("25/1" + "0" * 57) == Decimal("2.5e-56")        # 2 + 58 digits
+    assert parse_number("1/1" + "0" * 59) is None                       # 61 digits

@@ -18,8 +18,7 @@ class Norm(torch.nn.Module):
         self,
         config: TransformerConfig,
         hidden_size: int,
-        eps: float = 1e-5,
-        persist_layer_norm: bool = False,
+        eps: float,  # no default: megatron passes config.layernorm_epsilon to every norm it builds
         zero_centered_gamma: bool = False,
         normalization: str | None = None,
     ):

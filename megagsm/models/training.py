@@ -53,12 +53,10 @@ def wrap_ddp(model_chunks: list, parallel: ParallelConfig, grad_reduce_in_fp32: 
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    return [
-        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                # keep one bucket per chunk beyond the first: megatron's rule
-                                disable_bucketing=i > 0)
-        for i, chunk in enumerate(model_chunks)
-    ]
+    # without overlap each gradient buffer is one bucket already (megatron sets bucket_size to None):
+    # megatron's disable_bucketing for chunks after the first would only regroup the same all-reduces
+    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk)
+            for chunk in model_chunks]
 
 
 def use_fused_torch_adam_on_cpu(optimizer) -> int:

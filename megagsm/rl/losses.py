@@ -92,8 +92,8 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: KLKind 
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
 
     ``k1 = log pi - log ref``; ``abs = |k1|``; ``k2 = k1^2 / 2``; ``k3 = exp(-k1) - 1 + k1`` (unbiased,
-    non-negative); ``low_var_kl`` is k3 with the log-ratio and the result clamped to [-10, 10] for
-    stability, as in common GRPO implementations.
+    non-negative); ``low_var_kl`` is k3 with the log-ratio clamped to [-20, 20] and the result to
+    [-10, 10] for stability, as verl's ``kl_penalty`` computes it.
     """
     log_ratio = log_prob - ref_log_prob
     if kind == "k1":
@@ -104,7 +104,7 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: KLKind 
         return 0.5 * log_ratio.square()
     if kind in ("k3", "low_var_kl"):
         if kind == "low_var_kl":
-            log_ratio = log_ratio.clamp(-10.0, 10.0)
+            log_ratio = log_ratio.clamp(-20.0, 20.0)
         kl = torch.exp(-log_ratio) - 1.0 + log_ratio
         return kl.clamp(-10.0, 10.0) if kind == "low_var_kl" else kl
     raise ValueError(f"kind must be one of k1, abs, k2, k3, low_var_kl; got {kind!r}")
@@ -196,13 +196,13 @@ def policy_loss(
     agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm=norm)
     pg_loss = aggregate_loss(loss_mat, mask, loss_agg_mode, **agg)
     loss = pg_loss
-    with torch.no_grad():
-        neg_log_ratio = -token_log_ratio.detach()
+    with torch.no_grad():  # metrics: no graph (hence no .detach() on what is computed in here)
+        neg_log_ratio = -token_log_ratio
         metrics = {
             "pg_loss": pg_loss.detach(),
             "pg_clipfrac": _masked_mean(clipped.to(mask.dtype), mask),
             "pg_clipfrac_lower": _masked_mean(dual.to(mask.dtype), mask),
-            "ratio_mean": _masked_mean(ratio.detach(), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
             "seq_ratio_mean": _masked_mean(torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)),
                                            (mask.sum(-1) > 0).to(mask.dtype)),
             # KL(pi_old || pi) estimated from samples of pi_old: k1 = mean(log old - log new), k3 unbiased.

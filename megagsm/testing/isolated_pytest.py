@@ -19,7 +19,8 @@ def copy_tree(root: Path, dest: Path) -> Path:
     return dest
 
 
-PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
+FAST_ONLY = ["-m", "not slow"]   # unless a run asks for the slow tests it names too
 PRELOAD = ("torch", "numpy", "pytest", "hypothesis", "safetensors", "transformers", "megatron.core",
            "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.distributed")
 _OWN_PACKAGES = ("megagsm", "checkpoints_tools", "tests", "conftest", "launch", "bench")
@@ -37,7 +38,7 @@ def preload() -> None:
             pass
 
 
-def _forked_pytest(tree: Path, tests: list[str]) -> int:
+def _forked_pytest(tree: Path, args: list[str]) -> int:
     """Child side of a forked run: forget the project's modules, run pytest in `tree`, never return."""
     rc = 3
     try:
@@ -55,7 +56,7 @@ def _forked_pytest(tree: Path, tests: list[str]) -> int:
         os.environ.update(PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
         import pytest
 
-        rc = int(pytest.main([*PYTEST_ARGS, *tests]))
+        rc = int(pytest.main(args))
     finally:
         os._exit(rc)
 
@@ -78,18 +79,21 @@ def _wait(pid: int, timeout: float) -> int | None:
         time.sleep(0.05)
 
 
-def run_tests(tree: Path, tests: list[str], timeout: float, fork: bool = False) -> tuple[str, float]:
+def run_tests(tree: Path, tests: list[str], timeout: float, fork: bool = False,
+              slow: bool = False) -> tuple[str, float]:
     """(status, seconds) of pytest on `tests` inside `tree`: passed | failed | timeout | error.
-    fork: run pytest in a fork of this (preloaded) process instead of a fresh interpreter."""
+    fork: run pytest in a fork of this (preloaded) process instead of a fresh interpreter.
+    slow: also run the tests marked slow among `tests` (by default they are deselected)."""
+    args = [*PYTEST_ARGS, *([] if slow else FAST_ONLY), *tests]
     start = time.perf_counter()
     if fork:
         pid = os.fork()
         if pid == 0:
-            _forked_pytest(tree, tests)
+            _forked_pytest(tree, args)
         rc = _wait(pid, timeout)
     else:
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests], cwd=tree, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=tree, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         rc = _wait(proc.pid, timeout)
         proc.returncode = rc  # reaped above

@@ -15,8 +15,11 @@ file is byte-identical): comparison boundaries and negations, + <-> -, * <-> /, 
 True <-> False, `.detach()` dropped, mean <-> sum, max <-> min. Code inside raise/assert statements,
 log calls, strings and annotations is not mutated (messages, not behaviour).
 
-A mutant is killed when its tests fail, error or time out; it survives when they pass. Per module,
-at most `--max-mutants` mutants are run, sampled deterministically (seeded by the module path).
+A mutant is killed when its tests fail, error or time out (a mutant that timed out while the machine's
+load average exceeded its core count is run once more with twice the timeout first: on a shared
+machine a load spike is not a kill); it survives when they pass. Mutants listed in `EQUIVALENT` (mutation_targets.py: no input can tell them from the original,
+each with its reason) are not run. Per module, at most `--max-mutants` of the others are run, sampled
+deterministically (seeded by the module path).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import ast
 import concurrent.futures as cf
 import json
+import os
 import queue
 import random
 import sys
@@ -33,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megagsm.testing.isolated_pytest import copy_tree, preload, run_tests
-from megagsm.testing.mutation_targets import PLANTED, TARGETS
+from megagsm.testing.mutation_targets import EQUIVALENT, PLANTED, TARGETS
 
 SKIP_CALLS = {"log", "logger", "logging", "warnings", "print"}
 
@@ -47,8 +51,10 @@ class Mutant:
     start: tuple[int, int]
     end: tuple[int, int]
     replacement: str
-    status: str = "pending"      # killed | survived | timeout | error
+    status: str = "pending"      # killed | survived | timeout | error | equivalent
     seconds: float = 0.0
+    line_text: str = ""          # the mutated source line, stripped (what EQUIVALENT entries name)
+    why: str = ""                # equivalent: the recorded reason
 
     def where(self) -> str:
         return f"{self.module}:{self.line}:{self.col + 1}"
@@ -132,6 +138,7 @@ def _skipped_subtrees(tree: ast.AST) -> set[int]:
 def find_mutants(module: str, source: str, functions: list[str] | None = None) -> list[Mutant]:
     """Every mutant of `source` (the text of `module`), in source order."""
     tree = ast.parse(source)
+    lines = source.splitlines()
     skip = _skipped_subtrees(tree)
     scopes = [tree]
     if functions is not None:
@@ -150,7 +157,8 @@ def find_mutants(module: str, source: str, functions: list[str] | None = None) -
                 if not isinstance(node, ast.stmt):
                     text = f"({text})"
                 mutants.append(Mutant(module, node.lineno, node.col_offset, description,
-                                      (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset), text))
+                                      (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset), text,
+                                      line_text=lines[node.lineno - 1].strip()))
     mutants.sort(key=lambda m: (m.line, m.col, m.description))
     return mutants
 
@@ -164,6 +172,34 @@ def apply_mutant(source: str, mutant: Mutant) -> str:
     out = (head + mutant.replacement.encode() + tail).decode()
     compile(out, mutant.module, "exec")  # a mutant that does not compile is a harness bug
     return out
+
+
+def _matches(entry: dict, mutant: Mutant) -> bool:
+    return (entry["module"] == mutant.module and entry["line"] == mutant.line_text
+            and entry["mutation"] == mutant.description and entry.get("col", mutant.col + 1) == mutant.col + 1
+            and entry.get("replacement", mutant.replacement) == mutant.replacement)
+
+
+def split_equivalent(mutants: list[Mutant], table: list[dict]) -> tuple[list[Mutant], list[Mutant]]:
+    """(mutants to run, mutants that `table` records as equivalent, status "equivalent" + the reason)."""
+    run, equivalent = [], []
+    for m in mutants:
+        entry = next((e for e in table if _matches(e, m)), None)
+        if entry is None:
+            run.append(m)
+        else:
+            m.status, m.why = "equivalent", entry["why"]
+            equivalent.append(m)
+    return run, equivalent
+
+
+def stale_equivalents(root: Path, table: list[dict]) -> list[dict]:
+    """Entries of `table` that name no mutant of the tree at `root` (the code moved: update the table)."""
+    found = {}
+    for module in {e["module"] for e in table}:
+        path = root / module
+        found[module] = find_mutants(module, path.read_text()) if path.is_file() else []
+    return [e for e in table if not any(_matches(e, m) for m in found[e["module"]])]
 
 
 def sample(mutants: list[Mutant], limit: int | None, seed: str) -> list[Mutant]:
@@ -180,6 +216,7 @@ def _print(*args):
 @dataclass
 class Report:
     mutants: list[Mutant] = field(default_factory=list)
+    equivalent: list[Mutant] = field(default_factory=list)   # recorded in EQUIVALENT: not run
     baseline: dict = field(default_factory=dict)     # module -> {"status", "seconds"}
     seconds: float = 0.0
 
@@ -209,15 +246,20 @@ class Report:
         rows += [f"  {m.where():<45} {m.description}" for m in survivors]
         errors = [m for m in self.mutants if m.status == "error"]
         rows += [f"  ERROR {m.where()} {m.description}" for m in errors]
+        if self.equivalent:
+            rows.append(f"\nnot run, recorded as equivalent in mutation_targets.EQUIVALENT ({len(self.equivalent)}):")
+            rows += [f"  {m.where():<45} {m.description}" for m in self.equivalent]
         rows.append(f"\nscore: {self.caught}/{self.judged} caught = {100 * self.score:.1f}%  "
                     f"({self.seconds / 60:.1f} min)")
         return "\n".join(rows)
 
 
 def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jobs: int = 1,
-        timeout_factor: float = 3.0, progress=None, fork: bool = False) -> Report:
+        timeout_factor: float = 3.0, progress=None, fork: bool = False,
+        equivalent: list[dict] | None = None) -> Report:
     """Mutation-test `targets` (TARGETS' format) of the tree at `root`; the tree is only read.
-    fork: preload the heavy packages here and fork a test run per mutant (see `run_tests`)."""
+    fork: preload the heavy packages here and fork a test run per mutant (see `run_tests`).
+    equivalent: EQUIVALENT's format; those mutants are recorded, not run (default: none)."""
     progress = progress or _print
     if fork:
         preload()
@@ -230,26 +272,32 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
         planned = []
         for module, spec in targets.items():
             source = (root / module).read_text()
-            found = find_mutants(module, source, spec.get("functions"))
+            found, skipped = split_equivalent(find_mutants(module, source, spec.get("functions")), equivalent or [])
+            report.equivalent += skipped
             limit = min(x for x in (max_mutants, spec.get("max_mutants"), len(found)) if x is not None)
             planned.append((module, spec, source, sample(found, limit, module)))
-            progress(f"{module}: {len(planned[-1][3])} of {len(found)} mutants")
+            progress(f"{module}: {len(planned[-1][3])} of {len(found)} mutants"
+                     + (f" ({len(skipped)} more recorded as equivalent)" if skipped else ""))
 
-        def baseline(tests):
+        def baseline(key):
+            tests, slow = key
             tree = trees.get()
             try:
-                status, seconds = run_tests(tree, list(tests), 1800, fork)
+                status, seconds = run_tests(tree, list(tests), 1800, fork, slow)
             finally:
                 trees.put(tree)
             progress(f"baseline {' '.join(tests)}: {status} in {seconds:.0f}s")
-            return tests, {"status": status, "seconds": seconds}
+            return key, {"status": status, "seconds": seconds}
 
-        def one(mutant, source, tests, timeout):
+        def one(mutant, source, tests, timeout, slow):
             tree = trees.get()
             path = tree / mutant.module
             try:
                 path.write_text(apply_mutant(source, mutant))
-                status, mutant.seconds = run_tests(tree, tests, timeout, fork)
+                status, mutant.seconds = run_tests(tree, tests, timeout, fork, slow)
+                if status == "timeout" and os.getloadavg()[0] > (os.cpu_count() or 1):
+                    # once more, with room for the load spike (a real hang then costs 3 timeouts)
+                    status, mutant.seconds = run_tests(tree, tests, 2 * timeout, fork, slow)
             finally:
                 path.write_text(source)
                 trees.put(tree)
@@ -259,15 +307,17 @@ def run(root: Path, targets: dict[str, dict], max_mutants: int | None = None, jo
 
         with cf.ThreadPoolExecutor(jobs) as pool:
             # the unmutated tests, once per distinct test list (modules often share one)
-            by_tests = dict(pool.map(baseline, dict.fromkeys(tuple(spec["tests"]) for _, spec, _, _ in planned)))
-            report.baseline = {module: by_tests[tuple(spec["tests"])] for module, spec, _, _ in planned}
+            keys = {module: (tuple(spec["tests"]), bool(spec.get("slow"))) for module, spec, _, _ in planned}
+            by_tests = dict(pool.map(baseline, dict.fromkeys(keys.values())))
+            report.baseline = {module: by_tests[keys[module]] for module, _, _, _ in planned}
             futures = []
             for module, spec, source, mutants in planned:
                 base = report.baseline[module]
                 if base["status"] != "passed":
                     continue
                 timeout = max(timeout_factor * base["seconds"], base["seconds"] + 30)
-                futures += [pool.submit(one, m, source, spec["tests"], timeout) for m in mutants]
+                futures += [pool.submit(one, m, source, spec["tests"], timeout, bool(spec.get("slow")))
+                            for m in mutants]
             report.mutants = [f.result() for f in futures]
     report.seconds = time.perf_counter() - start
     return report
@@ -331,13 +381,17 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--module {unknown[0]}: not in TARGETS (choose from {', '.join(TARGETS)})")
         targets = {m: TARGETS[m] for m in args.module}
-    report = run(args.root, targets, args.max_mutants, args.jobs, args.timeout_factor, fork=not args.no_fork)
+    report = run(args.root, targets, args.max_mutants, args.jobs, args.timeout_factor, fork=not args.no_fork,
+                 equivalent=EQUIVALENT)
     print(report.text())
+    for e in stale_equivalents(args.root, EQUIVALENT):  # the code moved: review the entry
+        print(f"stale EQUIVALENT entry (no such mutant now): {e['module']}: {e['mutation']} in {e['line']!r}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"score": report.score, "seconds": report.seconds,
                                          "baseline": report.baseline,
-                                         "mutants": [asdict(m) for m in report.mutants]}, indent=1))
+                                         "mutants": [asdict(m) for m in report.mutants],
+                                         "equivalent": [asdict(m) for m in report.equivalent]}, indent=1))
     return 1 if 100 * report.score < args.fail_under else 0
 
 

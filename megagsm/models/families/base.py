@@ -42,6 +42,16 @@ def need(hf: dict, name: str):
     return hf[name]
 
 
+def present(hf: dict, name: str):
+    """A config.json field that must be present although null is a valid value (DeepSeek's
+    q_lora_rank: null means no query LoRA, while an absent field means transformers' default)."""
+    if name not in hf:
+        raise ModelInputError(
+            f"config.json: field {name!r} is required for model_type {hf.get('model_type')!r} (null is allowed)"
+        )
+    return hf[name]
+
+
 def reject(hf: dict, name: str, supported, why: str = "") -> None:
     """Fail on a config value this family does not implement (never ignore it silently)."""
     value = hf.get(name)

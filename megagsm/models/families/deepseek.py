@@ -21,7 +21,7 @@ import math
 
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families import dense, moe
-from megagsm.models.families.base import ModelSettings, need, reject
+from megagsm.models.families.base import ModelSettings, need, present, reject
 from megagsm.models.gpt import GPTArchitecture
 from megagsm.models.mapping import WeightMap, WeightRule
 
@@ -84,7 +84,7 @@ def rope_fields(hf: dict) -> dict:
 
 def layer_pattern(hf: dict) -> list[int]:
     layers = int(need(hf, "num_hidden_layers"))
-    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    first_dense = int(need(hf, "first_k_dense_replace"))
     # the original remote code also had moe_layer_freq; transformers ignores it
     reject(hf, "moe_layer_freq", (None, 1), "only every layer after first_k_dense_replace may have experts")
     return [int(i >= first_dense) for i in range(layers)]
@@ -94,13 +94,14 @@ def mla_settings(hf: dict) -> ModelSettings:
     """Everything but the routing: attention, shapes, dense/MoE layout."""
     moe.no_quantization(hf)
     hidden, heads = int(need(hf, "hidden_size")), int(need(hf, "num_attention_heads"))
-    reject(hf, "num_key_value_heads", lambda v: v in (None, heads),
+    need(hf, "num_key_value_heads")
+    reject(hf, "num_key_value_heads", lambda v: v == heads,
            "multi-latent attention gives every head its own keys and values")
     reject(hf, "attention_bias", (None, False), "megatron's MLA projections have no bias")
     reject(hf, "mlp_bias", (None, False))
     reject(hf, "rope_interleave", (None, True), "megatron's MLA rotates interleaved rotary pairs")
     reject(hf, "partial_rotary_factor", (None, 1, 1.0))
-    q_lora = hf.get("q_lora_rank")
+    q_lora = present(hf, "q_lora_rank")
     v_head = int(need(hf, "v_head_dim"))
     config = dict(
         num_layers=int(need(hf, "num_hidden_layers")),
@@ -127,7 +128,7 @@ def mla_settings(hf: dict) -> ModelSettings:
     )
     arch = GPTArchitecture(
         vocab_size=int(need(hf, "vocab_size")),
-        max_sequence_length=int(hf.get("max_position_embeddings") or 4096),
+        max_sequence_length=int(need(hf, "max_position_embeddings")),
         position_embedding_type="rope",   # MLA builds its own rotary embedding from the config
         rotary_base=config["rotary_base"],
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
@@ -141,7 +142,7 @@ def num_experts(hf: dict) -> int:
 
 def with_experts(hf: dict, settings: ModelSettings, router: dict) -> ModelSettings:
     """Adds the MoE fields (shapes from the config, routing from the family) to MLA settings."""
-    shared = int(hf.get("n_shared_experts") or 0)
+    shared = int(need(hf, "n_shared_experts"))
     if shared < 1:
         raise ModelInputError(f"config.json: n_shared_experts={hf.get('n_shared_experts')!r}: "
                               f"{hf.get('model_type')!r} models have at least one shared expert")
@@ -153,7 +154,8 @@ def with_experts(hf: dict, settings: ModelSettings, router: dict) -> ModelSettin
     return settings
 
 
-def mla_weights(hf: dict, *, expert_bias: bool) -> WeightMap:
+def mla_weights(hf: dict, *, expert_bias: bool, mtp_default: int = 0) -> WeightMap:
+    """mtp_default: num_nextn_predict_layers when config.json omits it (the family's transformers default)."""
     L = moe.layer
     attention = [
         L("input_layernorm.weight", "input_layernorm.weight"),
@@ -162,7 +164,7 @@ def mla_weights(hf: dict, *, expert_bias: bool) -> WeightMap:
         L("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"),
         L("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
     ]
-    if hf.get("q_lora_rank"):
+    if present(hf, "q_lora_rank"):
         attention += [
             L("self_attention.linear_q_down_proj.weight", "self_attn.q_a_proj.weight"),
             L("self_attention.linear_q_up_proj.layer_norm_weight", "self_attn.q_a_layernorm.weight"),
@@ -171,7 +173,7 @@ def mla_weights(hf: dict, *, expert_bias: bool) -> WeightMap:
     else:
         attention.append(L("self_attention.linear_q_proj.weight", "self_attn.q_proj.weight"))
     per_layer = [(r, moe.ALL) for r in attention] + moe.dense_mlp_rules()
-    per_layer += moe.moe_mlp_rules(shared="shared_experts", expert_bias=expert_bias)
+    per_layer += moe.moe_mlp_rules(shared="shared_experts", expert_bias=expert_bias, fp32_router=True)
     tied = bool(hf.get("tie_word_embeddings", False))
     top = [
         WeightRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab=True),
@@ -180,7 +182,7 @@ def mla_weights(hf: dict, *, expert_bias: bool) -> WeightMap:
     if not tied:
         top.append(WeightRule("output_layer.weight", ("lm_head.weight",), vocab=True))
     layers = int(need(hf, "num_hidden_layers"))
-    mtp = int(moe.field(hf, "num_nextn_predict_layers", "num_mtp_layers", default=0) or 0)
+    mtp = int(moe.field(hf, "num_nextn_predict_layers", "num_mtp_layers", default=mtp_default))
     skipped = {p: (f"multi-token-prediction layers (num_nextn_predict_layers={mtp}) are not converted: "
                    "the megatron model has no MTP head, as transformers' has none")
                for p in moe.extra_layers_ignored(layers, mtp)}

@@ -17,15 +17,16 @@ def settings(hf: dict):
     experts = deepseek.num_experts(hf)
     router = moe.router_fields(
         hf, score="sigmoid", topk=int(need(hf, "num_experts_per_tok")), num_experts=experts,
-        normalize=bool(hf.get("norm_topk_prob", True)), num_groups=hf.get("n_group"),
-        group_topk=hf.get("topk_group"), group_score_topk=2,
-        scaling=float(hf.get("routed_scaling_factor", 1.0)), expert_bias=True,
+        normalize=bool(hf.get("norm_topk_prob", True)), num_groups=need(hf, "n_group"),
+        group_topk=need(hf, "topk_group"), group_score_topk=2,
+        # required: transformers' DeepseekV3Config defaults to 2.5, the original remote code to 1.0
+        scaling=float(need(hf, "routed_scaling_factor")), expert_bias=True,
     )
     return deepseek.with_experts(hf, deepseek.mla_settings(hf), router)
 
 
 def weights(hf: dict):
-    return deepseek.mla_weights(hf, expert_bias=True)
+    return deepseek.mla_weights(hf, expert_bias=True, mtp_default=1)  # DeepseekV3Config's default
 
 
 FAMILY = Family(model_type="deepseek_v3", settings=settings, weights=weights, layer_spec_fn=moe.layer_spec_fn,

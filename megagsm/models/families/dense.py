@@ -62,16 +62,23 @@ def rope_fields(hf: dict) -> dict:
     return out
 
 
-def llama_settings(hf: dict, *, tied_default: bool = False) -> ModelSettings:
-    """TransformerConfig kwargs + GPTArchitecture shared by the Llama-shaped families."""
+def llama_settings(hf: dict, *, tied_default: bool = False, derived: tuple[str, ...] = ()) -> ModelSettings:
+    """TransformerConfig kwargs + GPTArchitecture shared by the Llama-shaped families.
+
+    derived: which of head_dim / num_key_value_heads the family's transformers config class derives
+    when config.json omits them (hidden_size / num_attention_heads, num_attention_heads); the others
+    are required, since there the class substitutes a fixed default of its own (Qwen2's 32 KV heads,
+    Gemma's head_dim 256...) that says nothing about the checkpoint at hand."""
     hidden, heads = int(need(hf, "hidden_size")), int(need(hf, "num_attention_heads"))
-    head_dim = hf.get("head_dim") or hidden // heads
+    head_dim = hf.get("head_dim") or (hidden // heads if "head_dim" in derived else need(hf, "head_dim"))
+    kv_heads = hf.get("num_key_value_heads") or (heads if "num_key_value_heads" in derived
+                                                 else need(hf, "num_key_value_heads"))
     config = dict(
         num_layers=int(need(hf, "num_hidden_layers")),
         hidden_size=hidden,
         ffn_hidden_size=int(need(hf, "intermediate_size")),
         num_attention_heads=heads,
-        num_query_groups=int(hf.get("num_key_value_heads") or heads),
+        num_query_groups=int(kv_heads),
         kv_channels=int(head_dim),
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
@@ -88,7 +95,7 @@ def llama_settings(hf: dict, *, tied_default: bool = False) -> ModelSettings:
         )
     arch = GPTArchitecture(
         vocab_size=int(need(hf, "vocab_size")),
-        max_sequence_length=int(hf.get("max_position_embeddings") or 4096),
+        max_sequence_length=int(need(hf, "max_position_embeddings")),
         position_embedding_type="rope",
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", tied_default)),
         **rope_fields(hf),
@@ -146,15 +153,17 @@ def dense_weights(
     )
 
 
-def llama_variant(model_type: str, *, config: dict, weights: dict, reject_fields: tuple = ()) -> Family:
+def llama_variant(model_type: str, *, config: dict, weights: dict, reject_fields: tuple = (),
+                  derived: tuple[str, ...] = ()) -> Family:
     """A family that is Llama layers plus fixed megatron config flags (`config`) and the matching
-    weight rules (`weights`: dense_weights options); `reject_fields`: (field, allowed, why) rows."""
+    weight rules (`weights`: dense_weights options); `reject_fields`: (field, allowed, why) rows;
+    `derived`: see llama_settings."""
 
     def settings(hf: dict) -> ModelSettings:
         no_sliding_window(hf)
         for field, allowed, why in reject_fields:
             reject(hf, field, allowed, why)
-        s = llama_settings(hf)
+        s = llama_settings(hf, derived=derived)
         s.config.update(config)
         return s
 

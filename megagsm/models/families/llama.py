@@ -19,7 +19,8 @@ def _biases(hf: dict) -> bool:
 
 
 def settings(hf: dict):
-    s = dense.llama_settings(hf)
+    # LlamaConfig: no head_dim -> hidden_size / num_attention_heads, no num_key_value_heads -> MHA
+    s = dense.llama_settings(hf, derived=("head_dim", "num_key_value_heads"))
     bias = _biases(hf)
     s.config.update(add_qkv_bias=bias, add_bias_linear=bias)
     return s

@@ -36,8 +36,8 @@ def field(hf: dict, *names, default=None):
 def need_field(hf: dict, *names):
     value = field(hf, *names)
     if value is None:
-        raise ModelInputError(f"config.json: field {names[0]!r} is required for model_type "
-                              f"{hf.get('model_type')!r}")
+        raise ModelInputError(f"config.json: field {names[0]!r}{''.join(f' (or {n!r})' for n in names[1:])} "
+                              f"is required for model_type {hf.get('model_type')!r}")
     return value
 
 
@@ -158,13 +158,16 @@ def expert(mcore: str, *hf: str, transform: str = "copy") -> WeightRule:
 
 
 def moe_mlp_rules(*, shared: str | None = None, shared_gate: str | None = None,
-                  expert_bias: bool = False) -> list[tuple[WeightRule, str]]:
+                  expert_bias: bool = False, fp32_router: bool = False) -> list[tuple[WeightRule, str]]:
     """The MoE-layer MLP: pre-MLP norm, router, routed experts (SwiGLU), optional shared experts.
     shared: HF module name of the shared expert MLP ("shared_expert" in Qwen2-MoE, "shared_experts"
-    in DeepSeek); shared_gate: HF name of its sigmoid gate."""
+    in DeepSeek); shared_gate: HF name of its sigmoid gate. fp32_router: transformers keeps the router
+    weight in fp32 whatever the model dtype (DeepSeek's _keep_in_fp32_modules_strict), so an export's
+    --dtype leaves it as megatron stored it."""
+    router = layer("mlp.router.weight", "mlp.gate.weight")
     rules = [
         layer("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-        layer("mlp.router.weight", "mlp.gate.weight"),
+        replace(router, cast=False) if fp32_router else router,
         expert("linear_fc1.weight", "gate_proj.weight", "up_proj.weight", transform="gate_up"),
         expert("linear_fc2.weight", "down_proj.weight"),
     ]

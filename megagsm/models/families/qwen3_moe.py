@@ -14,7 +14,7 @@ from functools import partial
 
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families import dense, moe
-from megagsm.models.families.base import Family, reject
+from megagsm.models.families.base import Family, need, reject
 from megagsm.models.mapping import WeightMap
 
 
@@ -36,7 +36,7 @@ def qwen_moe_settings(hf: dict, *, qwen2: bool):
     moe.no_quantization(hf)
     dense.no_sliding_window(hf)
     reject(hf, "attention_bias", (None, False), "megatron has no o_proj-only bias")
-    s = dense.llama_settings(hf)
+    s = dense.llama_settings(hf, derived=("head_dim",))  # the MoE attention's hidden / heads fallback
     if qwen2:
         s.config["add_qkv_bias"] = bool(hf.get("qkv_bias", True))
     else:
@@ -44,7 +44,8 @@ def qwen_moe_settings(hf: dict, *, qwen2: bool):
     experts, topk = num_experts(hf), int(moe.need_field(hf, "num_experts_per_tok"))
     router = moe.router_fields(hf, score="softmax", topk=topk, num_experts=experts,
                                normalize=bool(hf.get("norm_topk_prob", False)))
-    shared = int(hf.get("shared_expert_intermediate_size") or 0) if qwen2 else 0
+    # required: Qwen2MoeConfig's default (5632) is one model's size, and 0 means no shared expert
+    shared = int(need(hf, "shared_expert_intermediate_size")) if qwen2 else 0
     s.config.update(moe.moe_fields(
         hf, num_experts=experts, expert_ffn=int(moe.need_field(hf, "moe_intermediate_size")),
         pattern=layer_pattern(hf), router=router, shared_ffn=shared, shared_gate=True,

@@ -1,0 +1,64 @@
+"""The decode loop's group behaviour on a random tiny MoE at EP2, one cheap launch (no conversion):
+ranks that step together must stop together and keep serving each other's expert exchanges.
+
+* A rank with no prompts at all joins the other's prefill and decode forwards until it is done
+  (it returns nothing, the other rank its completions): expert parallelism's lockstep.
+* A KV cache that does not fit on one rank stops the whole group: the other rank raises too, naming
+  the rank that could not allocate, instead of waiting for it forever.
+"""
+from __future__ import annotations
+
+import pytest
+
+from megagsm.testing.multirank import run_ranks
+from megagsm.testing.parity import TinyGPTSpec
+
+# slow: tests/test_generation.py's 2-rank launch checks both in `make test`; this cheaper launch of
+# its own is what `make mutate` runs for the decode loop (megagsm/testing/mutation_targets.py)
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+
+SPEC = TinyGPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                   ffn_hidden_size=64, vocab_size=128, seq_length=32, num_moe_experts=4)
+
+
+def _worker(spec):
+    import torch.distributed as dist
+
+    from megagsm.config.parallel import ParallelConfig
+    from megagsm.generation import KVCacheTooLarge, SamplingParams, generate
+    from megagsm.runtime import init_runtime
+    from megagsm.testing.parity import tiny_gpt_model
+
+    parallel = ParallelConfig(ep=2, use_distributed_optimizer=False)
+    init_runtime(parallel, seed=1, timeout_minutes=1)  # a rank left waiting fails the test within a minute
+    model = tiny_gpt_model(spec, parallel)[0].eval()
+    rank = dist.get_rank()
+    params = SamplingParams(max_new_tokens=5, greedy=True)
+    mine = [[3, 4, 5], [6, 7]] if rank == 0 else []
+    r = generate(model, mine, params, vocab_limit=spec.vocab_size)
+    out = {"lengths": r.lengths.tolist(), "shape": list(r.tokens.shape), "logprobs_shape": list(r.logprobs.shape)}
+    try:  # rank 1's cache may take 1000 bytes: far too few
+        generate(model, [[3, 4, 5]], params, vocab_limit=spec.vocab_size,
+                 kv_cache_bytes=1000 if rank == 1 else None)
+        out["too_large"] = None
+    except KVCacheTooLarge as e:
+        out["too_large"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_worker, 2, SPEC, timeout=300)
+
+
+def test_a_rank_without_prompts_serves_the_others_until_they_finish(results):
+    assert results[0]["lengths"] == [5, 5]
+    assert results[1]["lengths"] == []
+    # outputs are as wide as the longest completion: 5 tokens, and none at all on the empty rank
+    assert results[0]["shape"] == results[0]["logprobs_shape"] == [2, 5]
+    assert results[1]["shape"] == results[1]["logprobs_shape"] == [0, 0]
+
+
+def test_a_kv_cache_too_large_on_one_rank_stops_both(results):
+    assert results[1]["too_large"] is not None and "the KV cache" in results[1]["too_large"]
+    assert results[0]["too_large"] is not None and results[0]["too_large"].startswith("on rank 1: the KV cache")
