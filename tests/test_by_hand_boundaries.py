@@ -255,3 +255,16 @@ def test_top_p_one_is_off():
     probs = torch.softmax(logits, dim=-1)
     dropped = logits.masked_fill(probs.cumsum(-1) - probs >= 1.0, float("-inf"))  # a filter at top_p = 1
     assert not torch.equal(torch.log_softmax(dropped, dim=-1).gather(-1, pick).squeeze(-1), logprobs)
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_equals_top_p():
+    """verl/vLLM's rule: a candidate is dropped once the mass strictly before it reaches top_p, equality
+    included. top_p set to exactly the fp32 mass before the second token (as the sampler computes it)
+    leaves only the first token: every draw is it, and its processed log-prob is 0."""
+    from megagsm.generation.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0]]).expand(64, 4).contiguous()
+    probs = torch.softmax(logits.sort(dim=-1, descending=True).values, dim=-1)
+    top_p = float((probs.cumsum(-1) - probs)[0, 1])  # what the sampler compares against top_p
+    tokens, logprobs = Sampler(SamplingParams(top_p=top_p, logprobs="processed", seed=3), torch.device("cpu"))(logits)
+    assert tokens.tolist() == [0] * 64 and torch.equal(logprobs, torch.zeros(64))

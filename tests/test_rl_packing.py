@@ -222,3 +222,44 @@ def test_thd_rope_is_megatrons_thd_rope_bit_for_bit(interleaved, mla, mscale):
     for freqs in (torch.randn(7, 1, 1, 8, generator=g), torch.randn(sum(lengths), 1, 1, 8, generator=g)):
         args = dict(rotary_interleaved=interleaved, multi_latent_attention=mla, mscale=mscale, cp_group=OneRank())
         assert torch.equal(thd_rope(t, cu, freqs, **args), _megatron_thd_rope(t, cu, freqs, **args))
+
+
+def test_assign_by_tokens_by_hand():
+    """Longest first; a sequence stays home while home is under the mean load (ceil), else goes to the
+    least-loaded rank (lowest rank on ties); equal lengths are taken in (home, index) order."""
+    # target ceil(14 / 2) = 7: 9 -> rank 0 (both empty); 2 stays on 1; each 1 finds rank 0 full -> rank 1
+    assert assign_by_tokens([[9, 1, 1, 1], [2]]) == [[(0, 0)], [(0, 1), (0, 2), (0, 3), (1, 0)]]
+    # target 8: (0,0) stays, (0,1) goes to the empty rank 1, (1,0) finds 1 full -> rank 0 (tie: lowest)
+    assert assign_by_tokens([[5, 5], [5]]) == [[(0, 0), (1, 0)], [(0, 1)]]
+
+
+def _exchange_on_two_ranks():
+    from megagsm.rl.balance import exchange, gather_lengths
+    from megagsm.runtime.collectives import group_rank
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    me = group_rank()
+    cases = {"all_move": [[1], [10]], "mixed": [[9, 1, 1, 1], [2]], "none_move": [[5, 3], [4, 4]]}
+    out = {}
+    for name, lengths in cases.items():
+        local = [[f"{me}:{i}:{n}" for i, n in enumerate(lengths[me])]]
+        gathered = gather_lengths([lengths[me]])
+        plan = assign_by_tokens(gathered[0])
+        out[name] = (gathered[0], plan, exchange(local, [plan]))
+    dist.destroy_process_group()
+    return out
+
+
+def test_exchange_moves_each_sequence_to_its_placement_on_two_ranks():
+    from megagsm.testing.multirank import run_ranks
+
+    ranks = run_ranks(_exchange_on_two_ranks, 2)
+    for name, lengths in {"all_move": [[1], [10]], "mixed": [[9, 1, 1, 1], [2]], "none_move": [[5, 3], [4, 4]]}.items():
+        plan = assign_by_tokens(lengths)
+        for me, result in enumerate(ranks):
+            gathered, got_plan, (items,) = result[name]
+            assert gathered == lengths and got_plan == plan, name
+            assert items == [f"{home}:{i}:{lengths[home][i]}" for home, i in plan[me]], (name, me)
+    assert assign_by_tokens([[1], [10]]) == [[(1, 0)], [(0, 0)]]  # every sequence changes rank

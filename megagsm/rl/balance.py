@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from megagsm.runtime.collectives import gather_objects, group_rank, group_size
+from megagsm.runtime.collectives import gather_objects, group_rank
 
 Placement = list[list[tuple[int, int]]]  # per destination rank: (home rank, index there), sorted
 
@@ -49,7 +49,7 @@ def exchange(local: list[list[Any]], placements: list[Placement], group=None) ->
     me = group_rank(group)
     moving = any(home != dest for plan in placements for dest, items in enumerate(plan) for home, _ in items)
     received: dict = {}
-    if moving and group_size(group) > 1:
+    if moving:  # (one rank never moves anything)
         outgoing = {(k, me, i): local[k][i] for k, plan in enumerate(placements)
                     for dest, items in enumerate(plan) if dest != me for home, i in items if home == me}
         for part in gather_objects(outgoing, group):

@@ -39,7 +39,7 @@ from megagsm.rl.balance import assign_by_tokens, exchange, gather_lengths
 from megagsm.rl.batching import LABEL_PAD, Advantages, MiniBatch, Rollouts
 from megagsm.rl.routing_replay import filler_routing
 from megagsm.runtime.collectives import dp_group as data_parallel_group
-from megagsm.runtime.collectives import group_rank, group_size
+from megagsm.runtime.collectives import group_rank
 
 
 def is_packed(batch: dict) -> bool:
@@ -159,14 +159,15 @@ def build_packed_minibatches(rollouts: Rollouts, advantages: Advantages, mini_ba
         dp_group = data_parallel_group()
     local = _samples(rollouts, advantages, mini_batches)
     lengths_local = [[s.tokens for s in mb] for mb in local]
-    if dp_group is not None and group_size(dp_group) > 1:
+    if dp_group is not None:
         lengths = gather_lengths(lengths_local, dp_group)     # [mini-batch][rank][i]
         placements = [assign_by_tokens(per_rank) for per_rank in lengths]
         mine = exchange(local, placements, dp_group)
+        me = group_rank(dp_group)
     else:
         lengths = [[row] for row in lengths_local]
         placements = [[[(0, i) for i in range(len(row))]] for row in lengths_local]
-        mine = local
+        mine, me = local, 0
     routing_like = rollouts.routing[0] if rollouts.routing else None
     out = []
     for k, plan in enumerate(placements):
@@ -174,8 +175,7 @@ def build_packed_minibatches(rollouts: Rollouts, advantages: Advantages, mini_ba
         count = max(len(first_fit_bins(row, budget, "decreasing")) for row in sizes)
         rank_bins = [even_bins(row, count, budget) for row in sizes]
         fills = [sum(row[j] for j in b) for row, bins in zip(sizes, rank_bins) for b in bins]
-        T = max(multiple, math.ceil(max(fills, default=0) / multiple) * multiple)
-        me = 0 if len(plan) == 1 else group_rank(dp_group)
+        T = max([multiple] + [math.ceil(fill / multiple) * multiple for fill in fills])
         bins = [sorted(b) for b in rank_bins[me]] + [[] for _ in range(count - len(rank_bins[me]))]
         micro = [pack_microbatch([mine[k][j] for j in b], T, routing_like, device) for b in bins]
         real = sum(s.tokens for s in mine[k])

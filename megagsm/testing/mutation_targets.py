@@ -46,7 +46,21 @@ TARGETS: dict[str, dict] = {
                                                  _GEN + "test_sampling_params_from_generation_config",
                                                  _BY_HAND + "::test_sampling_params_defaults",
                                                  _BY_HAND + "::test_top_k_at_or_above_the_vocabulary_is_off",
-                                                 _BY_HAND + "::test_top_p_one_is_off"]},
+                                                 _BY_HAND + "::test_top_p_one_is_off",
+                                                 _BY_HAND + "::test_top_p_drops_a_token_once_the_mass_before_it_equals_top_p",
+                                                 _GEN + "test_inverse_cdf_draw_at_the_extremes_of_the_uniform",
+                                                 _GEN + "test_sampler_forced_tokens_and_their_logprobs"]},
+    # continuous batching: the one-process launch's refilled cases (greedy vs transformers and the
+    # static path with forced lengths, static decode shapes, seeded sampling, MoE routing per sequence)
+    "megagsm/generation/refill.py": {"tests": [_GEN + "test_refilled_generation_matches_transformers_and_the_static_path",
+                                               _GEN + "test_refilled_static_decode_shapes",
+                                               _GEN + "test_refilled_sampling_is_reproducible",
+                                               _GEN + "test_refilled_moe_routing_per_sequence"],
+                                     "max_mutants": 8},  # ~40 s per mutant, as engine.py
+    # packed microbatches: rows, cu_seqlens, the [S, R] loss view, budget, even bins, DP placement,
+    # packed loss and gradient = padded ones, THD RoPE = megatron's
+    "megagsm/rl/packing.py": {"tests": ["tests/test_rl_packing.py"]},
+    "megagsm/rl/balance.py": {"tests": ["tests/test_rl_packing.py"]},
     # the decode loop: the one-process launch (greedy vs transformers, log-probs, eos, stop strings)
     "megagsm/generation/engine.py": {"tests": [_GEN + "test_greedy_matches_transformers",
                                                _GEN + "test_sampling_logprobs_reproducibility_and_n",
