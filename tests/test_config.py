@@ -323,6 +323,9 @@ def test_data_rules(tiny_yaml):
     message = validate_error(tiny(tiny_yaml, "parallel.tp=1", "parallel.cp=2", "data.seq_length=510",
                                   "data.max_prompt_len=200", "data.max_response_len=200"), 2)
     assert "data.seq_length=510 must be a multiple of 2*parallel.cp=4" in message
+    message = validate_error(tiny(tiny_yaml, "parallel.tp=1", "parallel.cp=2", "data.pack_sequences=true"), 2)
+    assert "data.pack_sequences=true needs parallel.cp=1 (got 2)" in message
+    validate(tiny(tiny_yaml, "parallel.tp=1", "data.pack_sequences=true"), 2)
 
 
 @pytest.mark.parametrize("override, expected", [

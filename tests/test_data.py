@@ -13,7 +13,6 @@ from megagsm.data.packing import (
     collate_packed,
     first_fit_bins,
     pack_samples,
-    packed_attention_mask,
 )
 from megagsm.data.prompts import (
     DEFAULT_TEMPLATE,
@@ -383,8 +382,27 @@ def test_pack_samples_layout():
     assert len(packed) == 2 and packed[0]["cu_seqlens"].tolist() == [0, 6]
 
 
+def test_packed_rows_become_one_thd_microbatch():
+    """The SFT trainer's packed microbatch: rows joined, each row's padding tail a document of its own."""
+    from megagsm.sft.data import packed_microbatch, step_batch
+
+    a, b, c = _toy_sample([1, 5, 6, 7, 2], 2), _toy_sample([1, 8, 9, 2], 2), _toy_sample([1, 4, 4, 4, 4, 4, 2], 3)
+    rows = pack_samples([a, b, c], seq_length=8, pad_id=0)
+    mb = packed_microbatch(rows)
+    params = mb["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4, 7, 8, 14, 16]
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == 6
+    assert mb["tokens"].tolist() == [torch.cat([r["input_ids"] for r in rows]).tolist()]
+    assert mb["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 0, 1, 2, 3, 4, 5, 0, 1]]
+    assert mb["loss_mask"].sum() == sum(r["loss_mask"].sum() for r in rows) and mb["attention_mask"] is None
+    step = step_batch(rows, 0, micro_batch_size=2, max_seq_length=8, multiple=8)
+    assert (step.seq_length, step.micro_batch_size, step.num_sequences) == (16, 1, 2)
+
+
 def test_packed_attention_matches_separate_documents():
     """Attention with the packed mask and reset positions equals running each document alone."""
+    from megagsm.testing.dense_document_mask import packed_attention_mask
+
     torch.manual_seed(0)
     vocab, dim = 16, 8
     embed, pos_embed = torch.nn.Embedding(vocab, dim), torch.nn.Embedding(16, dim)

@@ -1,5 +1,7 @@
 """Chunked vocab-parallel cross-entropy: equal (value and gradients) to the plain loss, in one process
-and under TP=2 with and without sequence parallelism; never allocates full-size logits.
+and under TP=2 with and without sequence parallelism; never allocates full-size logits. In the same
+launch, packed SFT rows fed as THD documents give the dense per-document mask's loss and gradients
+(plain and chunked loss, TP1/TP2/TP2+SP and PP2).
 
 Tolerances (fp32): both paths do the same per-token arithmetic; only the matmul blocking of a chunk vs
 the whole tensor may differ, ~1e-7 relative. rtol 1e-5 / atol 1e-6 catches any real error (a missed
@@ -190,6 +192,59 @@ def _gspo_response_rows_case(model, batch):
     return {"full": full, "rows": rows, "mask": mask, "n_rows": output.shape[0]}
 
 
+def _packed_rows(spec, count=4):
+    """Packed SFT rows of spec.seq_length: documents of mixed lengths (a prompt token without loss
+    each), every row with a padding tail but the one filled exactly."""
+    from megagsm.data.packing import pack_samples
+
+    g = torch.Generator().manual_seed(7)
+    samples = []
+    for n in (5, 9, 2, 7, 12, 4, 6, 10, 3, 8, 11, 16):
+        ids = torch.randint(1, spec.vocab_size, (n + 1,), generator=g)
+        mask = torch.ones(n)
+        mask[0] = 0.0
+        samples.append({"input_ids": ids[:-1], "labels": ids[1:], "loss_mask": mask})
+    rows = pack_samples(samples, spec.seq_length, pad_id=0)[:count]
+    assert len(rows) == count and any(r["cu_seqlens"][-1] == spec.seq_length for r in rows)
+    assert any(r["cu_seqlens"][-1] < spec.seq_length for r in rows)
+    return rows
+
+
+def _packed_sft_case(spec, parallel, info, init):
+    """One SGD(lr=1) step on the same packed rows fed as THD documents (megagsm.sft.data, the
+    trainer's path: plain and chunked loss) and with the dense per-document mask (the reference)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megagsm.models.training import build_optimizer, lm_forward_step, train_step, wrap_ddp
+    from megagsm.runtime.sharded import gather_full_state_dict, load_full_state_dict
+    from megagsm.sft.data import step_batch
+    from megagsm.sft.fused_ce import chunked_lm_forward_step
+    from megagsm.testing.dense_document_mask import dense_mask_microbatch
+    from megagsm.testing.parity import tiny_gpt_model
+
+    rows = _packed_rows(spec)
+    per = len(rows) // info.dp_size
+    local = rows[info.dp_rank * per:(info.dp_rank + 1) * per]
+    out = {}
+    for name, step_fn in (("dense", lm_forward_step), ("thd", lm_forward_step),
+                          ("thd_chunked", chunked_lm_forward_step(8))):
+        if name == "dense":
+            mbs, seq_length, mbs_size = [dense_mask_microbatch(local[i:i + 2]) for i in range(0, per, 2)], spec.seq_length, 2
+        else:
+            batch = step_batch(local, 0, 2, spec.seq_length, 8)
+            mbs, seq_length, mbs_size = batch.microbatches, batch.seq_length, batch.micro_batch_size
+            assert mbs_size == 1 and seq_length == 2 * spec.seq_length and "packed_seq_params" in mbs[0]
+        chunks = tiny_gpt_model(spec, parallel)
+        load_full_state_dict(chunks, init)
+        chunks = wrap_ddp(chunks, parallel)
+        optimizer = build_optimizer(chunks, OptimizerConfig(
+            optimizer="sgd", lr=1.0, weight_decay=0.0, clip_grad=1e6, use_distributed_optimizer=False))
+        res = train_step(chunks, optimizer, mbs, len(mbs), seq_length, mbs_size, forward_step_func=step_fn)
+        out[name] = {"loss": res.loss, "tokens": res.num_tokens, "grad_norm": res.grad_norm,
+                     "final": gather_full_state_dict(chunks)}
+    return out
+
+
 def _worker(spec, layouts):
     from megatron.core.optimizer import OptimizerConfig
 
@@ -219,9 +274,15 @@ def _worker(spec, layouts):
             res = train_step(chunks, optimizer, mbs, len(mbs), spec.seq_length, 2, forward_step_func=step_fn)
             r[loss_kind] = {"loss": res.loss, "grad_norm": res.grad_norm, "final": gather_full_state_dict(chunks)}
         r["gspo_rows"] = _gspo_response_rows_case(chunks[0], local)
+        r["packed_sft"] = _packed_sft_case(spec, parallel, info, init)
         out[name] = r
+    info = init_runtime(PACKED_PP2, seed=1234)
+    out["pp2"] = {"packed_sft": _packed_sft_case(spec, PACKED_PP2, info, init)}
     out["init"] = init
     return out
+
+
+PACKED_PP2 = ParallelConfig(pp=2, use_distributed_optimizer=False)  # packed SFT only
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +336,23 @@ def test_gpt_training_step_matches_plain_loss(results):
         assert chunked["loss"] == pytest.approx(results[0]["tp1"]["plain"]["loss"], rel=1e-6), layout
         for k, v in plain["final"].items():
             torch.testing.assert_close(chunked["final"][k], v, rtol=0, atol=2e-5, msg=f"{layout} {k}")
+
+
+@pytest.mark.multirank
+def test_packed_sft_as_thd_equals_the_dense_mask_path(results):
+    """Packed SFT rows fed as THD documents (one [1, rows * S] sequence per microbatch) give the loss,
+    token count, gradient norm and SGD(lr=1) update (= the gradients) of the dense per-document mask,
+    at TP1 (DP2), TP2, TP2+SP and PP2, with the plain and the chunked loss; and the same as TP1's."""
+    reference = results[0]["tp1"]["packed_sft"]["dense"]
+    init = results[0]["init"]
+    moved = max((reference["final"][k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 1e-3
+    for layout in (*LAYOUTS, "pp2"):
+        case = results[0][layout]["packed_sft"]
+        for name in ("dense", "thd", "thd_chunked"):
+            got = case[name]
+            assert got["tokens"] == reference["tokens"] > 0, (layout, name)
+            assert got["loss"] == pytest.approx(reference["loss"], rel=1e-6, abs=1e-6), (layout, name)
+            assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), (layout, name)
+            for k, v in reference["final"].items():
+                torch.testing.assert_close(got["final"][k], v, rtol=0, atol=2e-6, msg=f"{layout} {name} {k}")

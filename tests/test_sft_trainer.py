@@ -44,6 +44,11 @@ LORA_LAYOUTS = {
                  "train.lora.rank=4"],
 }
 LORA_BASE = {"tp2_sp_lora_chunked": "tp2_sp", "pp2_lora": "pp2"}
+# packed rows (2-3 samples each) fed as THD documents, under PP2: the schedule then exchanges one
+# [micro_batch_size * seq_length] sequence per microbatch (loss and gradients = the dense-mask path's:
+# tests/test_fused_ce.py)
+PACKED_PP2 = ["parallel.pp=2", "parallel.use_distributed_optimizer=false", "data.pack_sequences=true",
+              "data.seq_length=128", "model.max_position_embeddings=128", "train.train_steps=2"]
 RESUME = ["parallel.use_distributed_optimizer=true", "train.train_steps=6", "train.save_interval=3",
           "train.keep_last_n=2", "optim.warmup_steps=2", "optim.lr_decay_style=cosine", "optim.min_lr=1e-4"]
 KILL_AFTER_STEP = 4
@@ -92,6 +97,10 @@ def _first_launch(inputs, root):
         f"data.eval_path={inputs['verl']}/test.parquet", "data.prompt_key=extra_info.question",
         "data.answer_key=extra_info.answer"])).metric("loss")
     out["verl_keys"] = [verl[s] for s in sorted(verl)]
+
+    packed = run_sft(_config(inputs, os.path.join(root, "pp2_packed"), PACKED_PP2))
+    out["pp2_packed"] = {"losses": [packed.metric("loss")[s] for s in sorted(packed.metric("loss"))],
+                         "val_loss": packed.metric("val_loss")}
 
     uninterrupted = run_sft(_config(inputs, os.path.join(root, "full"), RESUME)).metric("loss")
     out["full"] = [uninterrupted[s] for s in sorted(uninterrupted)]
@@ -195,6 +204,13 @@ def test_layouts_train(runs):
     acc = first["tp2_sp"]["accuracy"]
     assert set(acc) == {0, 4} and all(0.0 <= a <= 1.0 for a in acc.values())
     assert any("accuracy" in r and r["step"] == 0 for r in first["tp2_sp"]["rows"])
+
+
+def test_packed_rows_train_under_pp2(runs):
+    first, _ = runs
+    losses, val_loss = first["pp2_packed"]["losses"], first["pp2_packed"]["val_loss"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0], losses
+    assert set(val_loss) == {2} and math.isfinite(val_loss[2])
 
 
 def test_verl_parquet_with_the_seed_keys_trains_as_the_jsonl_rows(runs):

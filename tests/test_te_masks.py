@@ -8,9 +8,10 @@ padding or is arbitrary), and `model.attention_backend`.
   generation (right-padded prefill, per-row decoding under an arbitrary mask). The same launch runs
   the mask types generation passed before (causal prefill, no_mask decode): the TE-like model then
   attends to pad tokens and parity breaks, which is what this test exists to catch.
-- SFT packing keeps documents apart with a dense mask under the layers' causal type: megagsm's SDPA
-  attention gives each packed document the per-token losses it has alone (the truth: each document
-  run by itself); the TE-like attention does not, and packing is refused there with a clear error.
+- SFT packing feeds packed rows as THD documents (megagsm.sft.data.packed_microbatch): under megagsm's
+  SDPA attention and under the TE-like one each packed document gets the per-token losses it has
+  alone (the truth: each document run by itself). The dense per-document mask it replaced is ignored
+  under TE's rules (documents see each other), which the TE-like attention must show.
 - THD packing (GSPO's microbatches): one forward of sequences packed with `packed_seq_params` gives
   each sequence the logits it has alone, for dense, Gemma and MLA families, with SDPA and TE-like
   attention (which also holds the THD input to TE's asserts: int32 cu_seqlens, shapes, max_seqlen).
@@ -31,20 +32,23 @@ def _documents():
     return [torch.randint(2, 256, (n,), generator=g) for n in (6, 9, 5)]
 
 
-def _per_document_losses(model, packed: bool) -> list[torch.Tensor]:
-    """Per-token losses of each document: packed into one row, or each run alone (the truth)."""
-    from megagsm.data.packing import collate_packed, pack_samples
-    from megagsm.sft.data import to_model_batch
+def _per_document_losses(model, mode: str) -> list[torch.Tensor]:
+    """Per-token losses of each document: run alone (the truth), or packed into one row fed as THD
+    documents ("thd") or with the dense per-document mask ("dense")."""
+    from megagsm.data.packing import pack_samples
+    from megagsm.sft.data import packed_microbatch
+    from megagsm.testing.dense_document_mask import dense_mask_microbatch
 
     samples = [{"input_ids": d[:-1], "labels": d[1:], "loss_mask": torch.ones(len(d) - 1)} for d in _documents()]
     with torch.no_grad():
-        if not packed:
+        if mode == "alone":
             return [model(s["input_ids"][None], torch.arange(len(s["input_ids"]))[None], None,
                           labels=s["labels"][None])[0] for s in samples]
         rows = pack_samples(samples, seq_length=24, pad_id=0)
         assert len(rows) == 1
-        b = to_model_batch(collate_packed(rows))
-        loss = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])[0]
+        b = packed_microbatch(rows) if mode == "thd" else dense_mask_microbatch(rows)
+        packed = {"packed_seq_params": b["packed_seq_params"]} if mode == "thd" else {}
+        loss = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"], **packed)[0]
     out, start = [], 0
     for s in samples:
         n = len(s["input_ids"])
@@ -90,7 +94,6 @@ def _thd_errors(families) -> dict:
 def _launch(work_dir):
     from functools import partial
 
-    from megagsm.config.errors import ConfigError
     from megagsm.config.parallel import ParallelConfig
     from megagsm.generation import SamplingParams, generate_refilled
     from megagsm.generation import generate as engine_generate
@@ -99,7 +102,6 @@ def _launch(work_dir):
     from megagsm.layers.attention import SDPAttention
     from megagsm.models.provider import build_model_from_hf_config, load_hf_config
     from megagsm.runtime import init_runtime
-    from megagsm.sft.data import check_packing_supported
     from megagsm.testing import generation_cases as cases
     from megagsm.testing.te_like_attention import TELikeAttention, te_like_spec
     from megagsm.testing.tiny_qwen2 import char_tokenizer, convert, load_converted
@@ -137,14 +139,10 @@ def _launch(work_dir):
     # packing: the TE-like model vs megagsm's SDPA attention, against each document alone
     sdpa_model, _ = load_converted(mcore, ParallelConfig())
     for name, m in (("sdpa", sdpa_model), ("te_like", model)):
-        alone, packed = _per_document_losses(m, False), _per_document_losses(m, True)
-        out[f"{name}_packed_err"] = max((a - p).abs().max().item() for a, p in zip(alone, packed))
-        try:
-            check_packing_supported(True, [m])
-            out[f"{name}_packing_refused"] = None
-        except ConfigError as e:
-            out[f"{name}_packing_refused"] = str(e)
-    check_packing_supported(False, [model])  # unpacked batches need no dense mask
+        alone = _per_document_losses(m, "alone")
+        for mode in ("thd", "dense"):
+            packed = _per_document_losses(m, mode)
+            out[f"{name}_{mode}_packed_err"] = max((a - p).abs().max().item() for a, p in zip(alone, packed))
 
     # model.attention_backend where the spec is built: sdpa even when TE is installed
     hf_config = load_hf_config(mcore)
@@ -184,14 +182,12 @@ def test_the_old_mask_types_break_parity_under_te_rules(launch):
 
 
 @pytest.mark.multirank
-def test_packed_losses_equal_unpacked_or_packing_is_refused(launch):
-    assert launch["sdpa_packed_err"] < LOSS_ATOL
-    assert launch["sdpa_packing_refused"] is None
-    # under TE's rules the dense document mask is ignored: documents see each other...
-    assert launch["te_like_packed_err"] > 1e-3
-    # ...so packing is refused, naming the fields
-    refusal = launch["te_like_packing_refused"]
-    assert refusal is not None and "data.pack_sequences" in refusal and "model.attention_backend=sdpa" in refusal
+def test_packed_sft_losses_equal_unpacked_under_sdpa_and_te_rules(launch):
+    assert launch["sdpa_thd_packed_err"] < LOSS_ATOL
+    assert launch["te_like_thd_packed_err"] < LOSS_ATOL
+    assert launch["sdpa_dense_packed_err"] < LOSS_ATOL
+    # under TE's rules a dense document mask is ignored (documents see each other): why SFT packs as THD
+    assert launch["te_like_dense_packed_err"] > 1e-3
 
 
 @pytest.mark.multirank

@@ -20,7 +20,7 @@ class DataConfig:
     max_response_len: int = 256        # tokens
     seq_length: int = 512              # tokens per training sequence (padded or packed)
     truncation: Literal["left", "right", "error"] = "left"  # which end of an over-long prompt is cut
-    pack_sequences: bool = False
+    pack_sequences: bool = False       # SFT: samples packed into seq_length rows, fed as THD documents (needs parallel.cp=1)
     on_bad_row: Literal["skip", "error"] = "error"  # error (default): a malformed row stops the run naming file, row and field; skip: drop it (counted, logged)
     # synthetic source
     n_train: int = 1000

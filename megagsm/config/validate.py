@@ -142,6 +142,10 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     if p.cp > 1 and d.seq_length % (2 * p.cp):
         # megatron's context parallelism splits each sequence into 2*cp load-balanced chunks
         problems.append(f"data.seq_length={d.seq_length} must be a multiple of 2*parallel.cp={2 * p.cp}")
+    if p.cp > 1 and d.pack_sequences:
+        # packed rows go in as THD documents, which megagsm does not split over context-parallel ranks
+        problems.append(f"data.pack_sequences=true needs parallel.cp=1 (got {p.cp}): packed rows are fed "
+                        "as THD documents, not split over context-parallel ranks; use data.pack_sequences=false")
     if p.sequence_parallel_active and d.seq_length % p.tp:
         problems.append(f"data.seq_length={d.seq_length} must be a multiple of parallel.tp={p.tp} "
                         "with sequence_parallel")

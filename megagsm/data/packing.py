@@ -3,10 +3,10 @@
 Greedy first-fit: each sample goes into the first open bin with room (optionally visiting samples
 longest first, i.e. first-fit decreasing, which wastes less). Inside a packed row every document keeps
 its own next-token labels (no label crosses a boundary), position ids restart at 0 per document, and
-``document_ids`` gives each token its document index (-1 for the padding tail) so attention can be
-limited to the token's own document. ``cu_seqlens`` holds the document boundaries in the form
-megatron's ``PackedSeqParams`` takes (int32, starting at 0, ending at the last real token; the padding
-tail comes after it).
+``document_ids`` gives each token its document index (-1 for the padding tail). ``cu_seqlens`` holds
+the document boundaries in the form megatron's ``PackedSeqParams`` takes (int32, starting at 0,
+ending at the last real token; the padding tail comes after it): the SFT trainer feeds packed rows as
+THD documents (megagsm.sft.data.packed_microbatch), so attention stays inside each document.
 """
 
 from __future__ import annotations
@@ -105,17 +105,3 @@ def collate_packed(rows: Sequence[Sample]) -> dict:
     out["cu_seqlens"] = [r["cu_seqlens"] for r in rows]
     out["max_seqlen"] = torch.stack([r["max_seqlen"] for r in rows]).max()
     return out
-
-
-def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[B, 1, S, S]`` mask, True where attention is NOT allowed (megatron's convention).
-
-    A query attends to keys at or before it in the same document. Padding tokens (-1) attend to the
-    padding before them, so no row is fully masked (a fully masked softmax row gives NaN).
-    """
-    if document_ids.dim() == 1:
-        document_ids = document_ids.unsqueeze(0)
-    seq = document_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
-    return ~(causal & same_doc).unsqueeze(1)

@@ -36,10 +36,6 @@ from megagsm.layers import thd_buckets
 
 
 class SDPAttention(MegatronModule):
-    # a dense attention_mask is applied under every mask type (causal ones add the causal band):
-    # packed SFT's per-document mask relies on it (megagsm.layers.spec.applies_masks_of_any_type)
-    applies_mask_for_any_mask_type = True
-
     def __init__(
         self,
         config: TransformerConfig,

@@ -80,13 +80,6 @@ def core_attention_classes(model_chunks) -> set[type]:
             if isinstance(m, Attention) and hasattr(m, "core_attention")}
 
 
-def applies_masks_of_any_type(model_chunks) -> bool:
-    """Whether every core attention applies a dense `attention_mask` whatever the mask type says
-    (megagsm's SDPA attention does; TE applies it only for padding*/arbitrary mask types)."""
-    return all(getattr(cls, "applies_mask_for_any_mask_type", False)
-               for cls in core_attention_classes(model_chunks))
-
-
 def decoder_block_spec(
     config: TransformerConfig,
     use_transformer_engine: bool | None = None,

@@ -105,11 +105,18 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
+def thd_kwargs(batch: dict) -> dict:
+    """The model's packed_seq_params keyword for a THD microbatch (megagsm.models.packed_seq), else none."""
+    return {"packed_seq_params": batch["packed_seq_params"]} if "packed_seq_params" in batch else {}
+
+
 def lm_forward_step(data_iterator, model):
-    """Standard next-token forward: batch dict with tokens/position_ids/labels/loss_mask."""
+    """Standard next-token forward: batch dict with tokens/position_ids/labels/loss_mask (and
+    packed_seq_params for a THD microbatch)."""
     batch = next(data_iterator)
     output = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+        **thd_kwargs(batch),
     )
     return output, partial(masked_token_loss, batch["loss_mask"])
 

@@ -1,10 +1,12 @@
 """SFT data for the trainer: tokenised samples (padded or packed) and a resumable stream of per-step microbatches for this data-parallel rank.
 
-Each optimizer step takes `global_batch_size` sequences: this DP rank's share, cut into
-`num_microbatches` microbatches of `micro_batch_size` (gradient accumulation). All microbatches of a
-step are padded to one length (the step's longest sample, rounded up to a multiple of 8 and of what
-sequence/context parallelism need, at most `data.seq_length`), since pipeline stages exchange
-activations of a fixed shape within a step.
+Each optimizer step takes `global_batch_size` sequences (packed rows with `data.pack_sequences`):
+this DP rank's share, cut into `num_microbatches` microbatches of `micro_batch_size` (gradient
+accumulation). All microbatches of a step have one shape, since pipeline stages exchange activations
+of a fixed shape within a step: padded rows are padded to the step's longest sample (rounded up to a
+multiple of 8 and of what sequence/context parallelism need, at most `data.seq_length`); packed rows
+(`data.seq_length` each) are joined into one THD sequence of `micro_batch_size * seq_length` tokens
+(`packed_microbatch`).
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 
 from megagsm.config.data import DataConfig
 from megagsm.data.gsm8k import GSM8KExample
-from megagsm.data.packing import PackedDataset, packed_attention_mask
+from megagsm.data.packing import PackedDataset
 from megagsm.data.sampler import ResumableShardedSampler
 from megagsm.data.sft_dataset import SFTDataset, collate_sft
+from megagsm.models.packed_seq import thd_params
 
 
 def build_dataset(examples: list[GSM8KExample], tokenizer, data: DataConfig, name: str):
@@ -29,29 +32,31 @@ def build_dataset(examples: list[GSM8KExample], tokenizer, data: DataConfig, nam
     return samples
 
 
-def check_packing_supported(pack_sequences: bool, model_chunks) -> None:
-    """Packed rows are kept apart by a dense per-document mask under the layers' causal mask type:
-    megagsm's SDPA attention applies it, transformer-engine's ignores it (it applies attention_mask
-    only for padding*/arbitrary mask types), so under TE documents would attend to each other.
-    (Packing through THD `packed_seq_params` with cu_seqlens is what TE needs; not wired yet.)"""
-    from megagsm.config.errors import ConfigError
-    from megagsm.layers.spec import applies_masks_of_any_type
-
-    if pack_sequences and not applies_masks_of_any_type(model_chunks):
-        raise ConfigError("data.pack_sequences=true needs an attention that applies the per-document mask: "
-                          "transformer-engine's ignores it with a causal mask type (documents would attend "
-                          "to each other); use model.attention_backend=sdpa or data.pack_sequences=false")
-
-
 def to_model_batch(batch: dict) -> dict:
-    """collate_sft / packed rows -> the keys lm_forward_step reads."""
-    out = {"tokens": batch["input_ids"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
-           "position_ids": batch["position_ids"], "attention_mask": None}
-    if "document_ids" in batch:
-        # packed rows: attention stays inside each document (RoPE is relative, so a document's
-        # scores do not depend on where it sits in the row)
-        out["attention_mask"] = packed_attention_mask(batch["document_ids"])
-    return out
+    """collate_sft's padded rows -> the keys lm_forward_step reads."""
+    return {"tokens": batch["input_ids"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
+            "position_ids": batch["position_ids"], "attention_mask": None}
+
+
+def packed_microbatch(rows: list[dict]) -> dict:
+    """Packed rows (megagsm.data.packing) -> one THD microbatch: the rows joined into a [1, rows * S]
+    sequence whose documents are each row's samples and its padding tail (a document of its own: THD
+    documents cover every token), with positions restarting per document. Attention stays inside each
+    document through `packed_seq_params` under any core attention (megagsm's SDPA, transformer-engine),
+    and RoPE restarts per document; no [S, S] mask exists. The loss reads the same tokens, labels and
+    loss mask as the rows, flattened."""
+    seq = rows[0]["input_ids"].shape[0]
+    lengths = []
+    for row in rows:
+        bounds = row["cu_seqlens"].tolist()
+        lengths += [b - a for a, b in zip(bounds, bounds[1:])]
+        if bounds[-1] < seq:
+            lengths.append(seq - bounds[-1])
+    joined = {k: torch.cat([row[k] for row in rows]).unsqueeze(0)
+              for k in ("input_ids", "labels", "loss_mask", "position_ids")}
+    return {"tokens": joined["input_ids"], "labels": joined["labels"], "loss_mask": joined["loss_mask"],
+            "position_ids": joined["position_ids"], "attention_mask": None,
+            "packed_seq_params": thd_params(lengths)}
 
 
 def context_parallel_slice(batch: dict) -> dict:
@@ -66,19 +71,23 @@ def context_parallel_slice(batch: dict) -> dict:
 
 
 def collate(samples: list[dict], pad_id: int, length: int) -> dict:
-    """Samples (or packed rows) -> one model microbatch of `length` tokens per row (this CP rank's
-    part of them under context parallelism)."""
-    if "document_ids" in samples[0]:
-        keys = ("input_ids", "labels", "loss_mask", "position_ids", "document_ids")
-        return context_parallel_slice(to_model_batch({k: torch.stack([s[k] for s in samples]) for k in keys}))
+    """Samples -> one model microbatch of `length` tokens per row (this CP rank's part of them under
+    context parallelism); packed rows -> one THD microbatch (packed_microbatch)."""
+    if "cu_seqlens" in samples[0]:
+        return packed_microbatch(samples)  # data.pack_sequences needs cp=1 (config validation)
     return context_parallel_slice(to_model_batch(collate_sft(samples, pad_id, seq_length=length)))
 
 
 @dataclass
 class StepBatch:
     microbatches: list[dict]
-    seq_length: int          # padded length of every microbatch in this step
-    num_sequences: int       # sequences on this rank
+    seq_length: int          # tokens per row of every microbatch, over all CP ranks (packed: rows * S)
+    num_sequences: int       # sequences (packed: rows) on this rank
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per microbatch as megatron's schedule sees them (packed: 1 THD sequence)."""
+        return self.microbatches[0]["tokens"].shape[0] if self.microbatches else 0
 
 
 @dataclass
@@ -111,20 +120,10 @@ class MicrobatchStream:
                 self._indices = None
         raise RuntimeError("the training set is smaller than the data-parallel size")
 
-    def _padded_length(self, samples: list[dict]) -> int:
-        if "document_ids" in samples[0]:
-            return self.max_seq_length  # packed rows are full length already
-        longest = max(len(s["input_ids"]) for s in samples)
-        return min(self.max_seq_length, math.ceil(longest / self.multiple) * self.multiple)
-
     def next_step(self) -> StepBatch:
         count = self.micro_batch_size * self.num_microbatches
         samples = [self.dataset[self._next_index()] for _ in range(count)]
-        length = self._padded_length(samples)
-        microbatches = []
-        for i in range(0, count, self.micro_batch_size):
-            microbatches.append(collate(samples[i:i + self.micro_batch_size], self.pad_id, length))
-        return StepBatch(microbatches, length, count)
+        return step_batch(samples, self.pad_id, self.micro_batch_size, self.max_seq_length, self.multiple)
 
     def state_dict(self) -> dict:
         # The sampler's offset counts global samples, and every rank consumed whole steps, so this is
@@ -136,18 +135,25 @@ class MicrobatchStream:
         self._indices = None
 
 
+def step_batch(samples: list[dict], pad_id: int, micro_batch_size: int, max_seq_length: int,
+               multiple: int) -> StepBatch:
+    """Samples -> microbatches of micro_batch_size samples, all of one shape (module docstring)."""
+    longest = max(len(s["input_ids"]) for s in samples)
+    length = min(max_seq_length, math.ceil(longest / multiple) * multiple)
+    microbatches = [collate(samples[i:i + micro_batch_size], pad_id, length)
+                    for i in range(0, len(samples), micro_batch_size)]
+    if "cu_seqlens" in samples[0]:
+        length = micro_batch_size * len(samples[0]["input_ids"])  # one THD sequence of the rows
+    return StepBatch(microbatches, length, len(samples))
+
+
 def eval_microbatches(dataset, pad_id: int, micro_batch_size: int, max_seq_length: int,
-                      multiple: int, dp_rank: int, dp_size: int, limit: int | None = None) -> tuple[list, int]:
-    """This DP rank's share of the held-out set as equal-length microbatches (for eval_step).
+                      multiple: int, dp_rank: int, dp_size: int, limit: int | None = None) -> StepBatch:
+    """This DP rank's share of the held-out set as equal-shape microbatches (for eval_step).
     Every rank gets the same number of microbatches (the set is cut to a multiple of dp*mbs)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     n -= n % (dp_size * micro_batch_size)
     mine = [dataset[i] for i in range(dp_rank, n, dp_size)]
     if not mine:
-        return [], max_seq_length
-    longest = max(len(s["input_ids"]) for s in mine)
-    length = min(max_seq_length, math.ceil(longest / multiple) * multiple)
-    batches = []
-    for i in range(0, len(mine), micro_batch_size):
-        batches.append(collate(mine[i:i + micro_batch_size], pad_id, length))
-    return batches, length
+        return StepBatch([], max_seq_length, 0)
+    return step_batch(mine, pad_id, micro_batch_size, max_seq_length, multiple)

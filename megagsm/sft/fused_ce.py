@@ -224,15 +224,18 @@ def chunked_vocab_parallel_cross_entropy(
 
 
 def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_size: int,
-                    loss_mask: torch.Tensor | None = None, loss_tokens_only: bool = False):
+                    loss_mask: torch.Tensor | None = None, loss_tokens_only: bool = False,
+                    packed_seq_params=None):
     """Per-token loss [b, s] on the last pipeline stage (what `model(..., labels=labels)` returns,
     computed chunk-wise); other stages return their hidden states for the next stage. Pass the
     loss mask the losses will be weighted with to have the gradients formed in the forward pass,
-    and loss_tokens_only to skip the output projection for tokens outside it (their loss is 0)."""
+    and loss_tokens_only to skip the output projection for tokens outside it (their loss is 0).
+    packed_seq_params: a THD microbatch's documents (megagsm.models.packed_seq)."""
     gpt = unwrap_model(model)
+    packed = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
     if not gpt.post_process:
-        return model(tokens, position_ids, attention_mask)
-    hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
+        return model(tokens, position_ids, attention_mask, **packed)
+    hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask, **packed)
     return chunked_vocab_parallel_cross_entropy(
         hidden, output_weight(model), labels, chunk_size,
         sequence_parallel=gpt.output_layer.sequence_parallel,
@@ -244,7 +247,8 @@ def chunked_lm_loss(model, tokens, position_ids, attention_mask, labels, chunk_s
 
 def chunked_lm_forward_step(chunk_size: int, loss_tokens_only: bool = True):
     """A megatron forward_step_func like `megagsm.models.training.lm_forward_step`, with the chunked
-    loss. Batch dict: tokens, position_ids, labels, loss_mask, optional attention_mask. The loss
+    loss. Batch dict: tokens, position_ids, labels, loss_mask, optional attention_mask and
+    packed_seq_params. The loss
     function weights the losses by loss_mask, so by default tokens outside it skip the output
     projection (`loss_tokens_only`; the reported loss and every gradient are the same)."""
     from megagsm.models.training import masked_token_loss
@@ -253,7 +257,8 @@ def chunked_lm_forward_step(chunk_size: int, loss_tokens_only: bool = True):
         batch = next(data_iterator)
         output = chunked_lm_loss(model, batch["tokens"], batch["position_ids"],
                                  batch.get("attention_mask"), batch["labels"], chunk_size,
-                                 loss_mask=batch["loss_mask"], loss_tokens_only=loss_tokens_only)
+                                 loss_mask=batch["loss_mask"], loss_tokens_only=loss_tokens_only,
+                                 packed_seq_params=batch.get("packed_seq_params"))
         return output, partial(masked_token_loss, batch["loss_mask"])
 
     return forward_step

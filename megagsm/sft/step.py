@@ -2,7 +2,8 @@
 stream of tokenised microbatches and a forward step for megatron's schedules.
 
 - data: the trainer's examples -> SFTDataset (loss on response tokens only; packed rows with
-  `data.pack_sequences`) -> per-step microbatches for this DP rank (megagsm.sft.data);
+  `data.pack_sequences`, fed as THD documents) -> per-step microbatches for this DP rank
+  (megagsm.sft.data);
 - forward step: `train.loss=chunked` (default) runs the output projection and the vocab-parallel
   cross entropy in token chunks on loss tokens only (megagsm.sft.fused_ce); `plain` is megatron's
   output layer + cross entropy on every token;
@@ -17,7 +18,7 @@ import time
 from megagsm.config.train import TrainConfig
 from megagsm.models.training import eval_step, has_moe, lm_forward_step, sequence_length_multiple, train_step
 from megagsm.runtime.collectives import dp_group, reduce_numbers
-from megagsm.sft.data import MicrobatchStream, build_dataset, check_packing_supported, eval_microbatches
+from megagsm.sft.data import MicrobatchStream, build_dataset, eval_microbatches
 from megagsm.sft.fused_ce import chunked_lm_forward_step
 
 
@@ -34,7 +35,6 @@ class SFT:
     def __init__(self, trainer):
         cfg, t, d = trainer.cfg, trainer.cfg.train, trainer.cfg.data
         self.trainer = trainer
-        check_packing_supported(d.pack_sequences, trainer.chunks)
         dp_rank, dp = trainer.info.dp_rank, trainer.info.dp_size
         self.micro_batch_size = t.micro_batch_size
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
@@ -59,7 +59,7 @@ class SFT:
             local = sum(float(mb["loss_mask"].sum()) for mb in batch.microbatches)
             tokens = reduce_numbers([local], "sum", dp_group(with_context_parallel=True))[0]
         out = train_step(chunks, self.trainer.optimizer, batch.microbatches, self.num_microbatches,
-                         batch.seq_length, self.micro_batch_size, forward_step_func=self.forward_step,
+                         batch.seq_length, batch.micro_batch_size, forward_step_func=self.forward_step,
                          global_count=tokens)
         elapsed = time.perf_counter() - started
         row = {"loss": out.loss, "tokens": out.num_tokens, "step_time": elapsed,
@@ -72,12 +72,12 @@ class SFT:
         if self.eval_set is None:
             return {}
         info, d = self.trainer.info, self.trainer.cfg.data
-        batches, length = eval_microbatches(self.eval_set, self.pad_id, self.micro_batch_size, d.seq_length,
-                                            self.multiple, info.dp_rank, info.dp_size)
-        if not batches:
+        batch = eval_microbatches(self.eval_set, self.pad_id, self.micro_batch_size, d.seq_length,
+                                  self.multiple, info.dp_rank, info.dp_size)
+        if not batch.microbatches:
             return {}
-        val_loss, _ = eval_step(self.trainer.chunks, batches, len(batches), length, self.micro_batch_size,
-                                forward_step_func=self.forward_step)
+        val_loss, _ = eval_step(self.trainer.chunks, batch.microbatches, len(batch.microbatches), batch.seq_length,
+                                batch.micro_batch_size, forward_step_func=self.forward_step)
         return {"val_loss": val_loss}
 
     def progress(self, row: dict) -> dict:

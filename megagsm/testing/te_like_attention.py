@@ -27,8 +27,6 @@ MASK_TYPES_TE_APPLIES = (AttnMaskType.padding, AttnMaskType.padding_causal, Attn
 
 
 class TELikeAttention(SDPAttention):
-    applies_mask_for_any_mask_type = False  # like TE
-
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
