@@ -1,6 +1,7 @@
 # megagsm: two commands on a fresh machine.
 #   make demo   - set up, then run the CPU demo (SFT then GSPO on a tiny model, 2 processes)
-#   make test   - set up, then run the test suite
+#   make test   - set up, then run the test suite (two pytest workers, one per core; a test file
+#                 stays on one worker so its module-scoped launches run once)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-slow: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ Placement = list[list[tuple[int, int]]]  # per destination rank: (home rank, ind
 def assign_by_tokens(lengths: list[list[int]]) -> Placement:
     """lengths[r][i]: tokens of home rank r's i-th sequence -> for every rank, the (home, i) it trains."""
     ranks = len(lengths)
-    target = math.ceil(sum(map(sum, lengths)) / max(ranks, 1))
+    target = math.ceil(sum(map(sum, lengths)) / ranks)
     items = sorted(((n, r, i) for r, row in enumerate(lengths) for i, n in enumerate(row)),
                    key=lambda item: (-item[0], item[1], item[2]))
     loads = [0] * ranks

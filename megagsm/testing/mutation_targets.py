@@ -163,7 +163,7 @@ EQUIVALENT: list[dict] = [
     *_same_axis("megagsm/rl/batching.py", "`grouped` is [groups, group_size] (a view(-1, G))",
                 "zero_std = (grouped.amax(-1) == grouped.amin(-1)).repeat_interleave(rollouts.group_size)"),
     *_same_axis("megagsm/generation/sampling.py", "Sampler takes last-position logits [b, V] (the engine's "
-                "only call; torch.multinomial accepts no more than 2-D), so scaled/candidate logits and probs "
+                "only call), so scaled/candidate logits and probs "
                 "are [b, V] or [b, k], choice [b, 1], tokens [b]",
                 "if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:",
                 "tokens = full.argmax(dim=-1)",
@@ -173,7 +173,8 @@ EQUIVALENT: list[dict] = [
                 "probs = torch.softmax(cand_logits, dim=-1)",
                 "before = probs.cumsum(dim=-1) - probs",
                 "tokens = choice.squeeze(-1) if cand_ids is None else cand_ids.gather(-1, choice).squeeze(-1)",
-                "return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1)",
+                "return tokens, torch.log_softmax(cand_logits, dim=-1).gather(-1, choice).squeeze(-1), full, scaled",
+                "cumulative = probs.cumsum(dim=-1)",
                 "picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)",
                 "return picked - torch.logsumexp(full, dim=-1)"),
     *_same_axis("megagsm/sft/fused_ce.py", "the chunked cross-entropy works on [s*b, h] rows: logits and "
@@ -185,8 +186,6 @@ EQUIVALENT: list[dict] = [
                 "predicted = logits.gather(1, local_target[lo:hi].unsqueeze(-1)).squeeze(-1)",
                 "chunk_sum = logits.exp_().sum(dim=-1)",
                 "probs.sub_(logits_max[lo:hi].unsqueeze(-1)).exp_()"),
-    *_same_axis("megagsm/data/packing.py", "document_ids is [B, S] here (a 1-D row was made [1, S] just above)",
-                "seq = document_ids.shape[-1]"),
     {"module": "megagsm/models/families/deepseek.py",
      "line": "return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0", "mutation": "LtE -> Lt",
      "why": "at scale == 1 the other branch is 0.1 * mscale * log(1) + 1.0 == 1.0 exactly"},
