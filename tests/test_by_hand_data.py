@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megagsm.data.packing import first_fit_bins, pack_group, packed_attention_mask
+from megagsm.data.packing import first_fit_bins, pack_group
+from megagsm.testing.dense_document_mask import packed_attention_mask
 from megagsm.data.sampler import ResumableShardedSampler
 from megagsm.data.sft_dataset import make_sample
 
