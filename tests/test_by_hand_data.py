@@ -77,3 +77,11 @@ def test_sampler_length_is_what_it_yields():
     with pytest.raises(ValueError, match="num_samples must be > 0, got 0"):
         ResumableShardedSampler(0)
     assert len(ResumableShardedSampler(1)) == 1
+
+
+def test_set_epoch_starts_that_epoch_from_its_first_index():
+    sampler = ResumableShardedSampler(6, seed=3)
+    next(iter(sampler))                                # one index into epoch 0
+    sampler.set_epoch(2)
+    assert sampler.state_dict()["offset"] == 0
+    assert list(sampler) == sampler.permutation(2).tolist()

@@ -137,6 +137,9 @@ YARN = [
     {"factor": 4.0, "attention_factor": 1.2, "mscale": 1.0, "mscale_all_dim": 1.0},
     {"factor": 2.0, "beta_fast": 16, "beta_slow": 2},
     {"factor": 0.5},                                              # a factor <= 1 scales nothing (mscale 1)
+    # default beta_fast / beta_slow (32 / 1): at this original length the correction range starts at
+    # dimension floor(10.05) = 10, where beta_fast 33 would give 9
+    {"factor": 4.0, "original_max_position_embeddings": 3630},
 ]
 
 

@@ -298,6 +298,18 @@ def test_kl_penalty_by_hand():
         kl_penalty(lp, ref, "k4")
 
 
+@pytest.mark.parametrize("mode", ["gspo", "gspo_token", "grpo"])
+def test_metrics_are_detached(mode):
+    """The loss carries the graph; every metric is a plain number (a logged metric holding the graph
+    would keep the whole step's activations alive)."""
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, metrics = policy_loss(lp, torch.full((1, 2), -1.5), torch.ones(1, 2), torch.ones(1, 2), mode=mode,
+                                ref_log_prob=torch.full((1, 2), -1.2), kl_coef=0.1)
+    assert loss.requires_grad
+    assert {k for k, v in metrics.items() if v.requires_grad or v.grad_fn is not None} == set()
+    assert {"loss", "pg_loss", "kl_loss", "ratio_mean"} <= set(metrics)
+
+
 def test_group_advantages_of_one_reward_has_zero_std():
     adv, stats = group_advantages(torch.tensor([3.0]), 1)
     assert adv.tolist() == [0.0] and stats["reward_std"] == 0.0 and stats["reward_mean"] == 3.0

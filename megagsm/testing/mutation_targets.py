@@ -17,19 +17,45 @@ _TRUTHS = "tests/test_independent_truths.py"
 _HF = "tests/test_hf_truths.py"
 _BY_HAND = "tests/test_by_hand_boundaries.py"
 _DATA_BY_HAND = "tests/test_by_hand_data.py"
+_DATA = "tests/test_data.py"
 _FAMILIES = "tests/test_family_truths.py"  # config.json read as transformers reads it, weight names, fp32 tensors
-_CONFIG_TESTS = ["tests/test_convert_mapping.py", "tests/test_moe_config.py", _BY_HAND, _FAMILIES]
-_SAMPLER_TRUTHS = [_TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary",
-                   _TRUTHS + "::test_sampler_resumes_across_an_epoch_boundary_with_other_dp_size",
-                   _BY_HAND + "::test_sampler_order_is_a_stable_function_of_seed_and_epoch"]
+
+
+def _nodes(path: str, *names: str) -> list[str]:
+    return [f"{path}::{name}" for name in names]
+
+
+_CONFIG_TESTS = ["tests/test_convert_mapping.py", "tests/test_moe_config.py", _FAMILIES, *_nodes(
+    _BY_HAND, "test_llama_config_defaults_are_transformers_defaults", "test_llama_biases_map_to_megatron_linear_biases",
+    "test_omitted_tie_word_embeddings_means_the_transformers_default",
+    "test_router_top_k_is_between_one_and_the_expert_count", "test_expert_groups_must_split_the_experts",
+    "test_mlp_only_layers_edges", "test_deepseek_v2_configs_with_moe_layer_freq_one_convert")]
+_SAMPLER_TRUTHS = [*_nodes(_DATA, "test_sampler_shards_cover_epoch_disjointly",
+                           "test_sampler_epochs_deterministic_and_distinct", "test_sampler_resume_and_reshard",
+                           "test_sampler_with_dataloader"),
+                   *_nodes(_TRUTHS, "test_sampler_resumes_across_an_epoch_boundary",
+                           "test_sampler_resumes_across_an_epoch_boundary_with_other_dp_size"),
+                   *_nodes(_BY_HAND, "test_sampler_order_is_a_stable_function_of_seed_and_epoch"),
+                   *_nodes(_DATA_BY_HAND, "test_sampler_length_is_what_it_yields",
+                           "test_set_epoch_starts_that_epoch_from_its_first_index")]
+_PACKING_TESTS = [*_nodes(_DATA, "test_first_fit_bins", "test_pack_samples_layout",
+                          "test_packed_attention_matches_separate_documents"),
+                  *_nodes(_DATA_BY_HAND, "test_bins_and_rows_filled_exactly_to_capacity",
+                          "test_an_empty_packed_row_is_all_padding", "test_packed_attention_mask_of_a_batch_by_hand")]
+_SFT_ROW_TESTS = [_DATA, *_nodes(_BY_HAND, "test_rows_end_with_eos_and_pad_with_the_pad_id",
+                                 "test_smallest_sequence_length_is_two", "test_truncation_budgets_at_the_edge",
+                                 "test_conversation_truncation_by_hand",
+                                 "test_conversation_sample_labels_are_the_next_tokens"),
+                  *_nodes(_DATA_BY_HAND, "test_the_shortest_sample_is_one_prompt_and_one_response_token",
+                          "test_a_row_without_a_response_is_refused")]
 TARGETS: dict[str, dict] = {
     "megagsm/rl/losses.py": {"tests": ["tests/test_policy_loss.py"]},
     "megagsm/rl/batching.py": {"tests": ["tests/test_rl_batching.py", _BY_HAND + "::test_default_advantages_are_std_normalised_by_hand"],
                                "functions": ["compute_advantages"]},
     "megagsm/rewards/gsm8k.py": {"tests": ["tests/test_rewards.py"]},
-    "megagsm/data/packing.py": {"tests": ["tests/test_data.py", _DATA_BY_HAND]},
-    "megagsm/data/sft_dataset.py": {"tests": ["tests/test_data.py", _BY_HAND, _DATA_BY_HAND]},
-    "megagsm/data/sampler.py": {"tests": ["tests/test_data.py", *_SAMPLER_TRUTHS, _DATA_BY_HAND]},
+    "megagsm/data/packing.py": {"tests": _PACKING_TESTS},
+    "megagsm/data/sft_dataset.py": {"tests": _SFT_ROW_TESTS},
+    "megagsm/data/sampler.py": {"tests": _SAMPLER_TRUTHS},
     "megagsm/models/mapping.py": {"tests": ["tests/test_convert_mapping.py", _FAMILIES, _HF]},
     # the families that tests/test_hf_truths.py converts and runs (qwen2, gemma) against transformers
     **{f"megagsm/models/families/{name}.py": {"tests": [*_CONFIG_TESTS, _HF]}
