@@ -13,11 +13,11 @@ Packed sequences (THD, `packed_seq_params.qkv_format == "thd"`): q/k/v arrive as
 (megatron squeezes the batch of one) with the documents' boundaries in `cu_seqlens_q`. The documents
 are grouped by length into a few right-padded [n, heads, L, dim] batches, one causal SDPA call each
 (megagsm.layers.thd_buckets; exact: each document attends only to itself); the output is
-[t, heads * dv], the layout transformer-engine returns for THD. Measured forward+backward on one CPU
-thread, against one SDPA call per document on slices of q/k/v (the slices' backward zero-fills a
-full-size gradient per document): 512 documents of 20-40 tokens, 8 heads x 64: 12.3 s -> 0.20 s;
-64 documents of 17-1024 tokens: 1.6 s -> 0.5 s (about what a per-document loop over `split` views
-costs on CPU, where a call is cheap; on a GPU each call is a launch, the buckets are 1-15 here).
+[t, heads * dv], the layout transformer-engine returns for THD. Measured forward+backward on one
+loaded CPU thread (8 heads x 64, fp32), against one SDPA call per document on slices of q/k/v (whose
+backward zero-fills a full-size gradient per document): 512 documents of 20-40 tokens 23 s -> 0.36 s;
+64 documents of 17-1024 tokens 3.7 s -> 1.05 s, where a loop over `split` views takes 0.82 s (a CPU
+call is cheap; on a GPU each call is a kernel launch, and the buckets here are 3 and 15).
 """
 from __future__ import annotations
 
