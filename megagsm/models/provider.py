@@ -25,6 +25,7 @@ from megagsm.config.parallel import ParallelConfig
 from megagsm.models.errors import ModelInputError
 from megagsm.models.families.base import Family, ModelSettings
 from megagsm.layers.spec import decoder_block_spec, use_transformer_engine
+from megagsm.layers.swiglu import fused_activation_fields
 from megagsm.models.gpt import GPTArchitecture, build_model_chunks
 from megagsm.models.hf_config import hf_files_dir, load_hf_config  # noqa: F401  (part of the API)
 from megagsm.models.mapping import Dims, WeightMap
@@ -99,6 +100,7 @@ class ModelProvider:
         self.check_layout(parallel)
         kwargs = dict(
             self.settings.config,
+            **fused_activation_fields(self.settings.config),
             **parallel_fields(parallel),
             params_dtype=dtype,
             pipeline_dtype=dtype,
