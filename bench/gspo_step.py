@@ -147,6 +147,7 @@ def report(args, run, paths, knobs: dict, trl_rounds: list | None, trl_info: dic
         "micro_batch_size": args.micro_batch_size, "gen_batch": args.gen_batch,
         "step_s": _r(best["step_s"]), "generate_s": _r(best["generate_s"]), "logprob_s": _r(best["logprob_s"]),
         "update_s": _r(best["update_s"]), "padded_token_fraction": _r(best["padded_token_fraction"], 4),
+        "share_prompts": new.algorithm.share_prompts,
         "baseline_step_s": _r(base_best["step_s"]), "speedup": _r(base_best["step_s"] / best["step_s"]),
         "baseline_knobs": knobs,
         "baseline": {k: _r(v, 4) if isinstance(v, float) else v for k, v in base_best.items() if k != "row"},

@@ -289,6 +289,19 @@ def test_gspo_token_budget_must_hold_the_longest_sequence(tiny_yaml):
     validate(tiny(tiny_yaml, "parallel.tp=1", "train.max_tokens_per_microbatch=5"), world_size=1)
 
 
+def test_shared_prompts_true_needs_packing_and_no_routing_replay(tiny_yaml):
+    base = ["algorithm.name=gspo", "parallel.tp=1"]
+    for ok in ("null", "true", "false"):
+        validate(tiny(tiny_yaml, *base, f"train.share_prompts={ok}"), world_size=1)
+    validate(tiny(tiny_yaml, *base, "train.share_prompts=null", "train.max_tokens_per_microbatch=0"), world_size=1)
+    message = validate_error(tiny(tiny_yaml, *base, "train.share_prompts=true", "train.max_tokens_per_microbatch=0"),
+                             world_size=1)
+    assert "train.share_prompts=true needs packed microbatches: train.max_tokens_per_microbatch=0" in message
+    message = validate_error(tiny(tiny_yaml, *base, "train.share_prompts=true", "algorithm.gspo.routing_replay=r3"),
+                             world_size=1)
+    assert "train.share_prompts=true: routing replay (algorithm.gspo.routing_replay=r3)" in message
+
+
 def test_gspo_rollouts_must_split_into_mini_and_micro_batches(tiny_yaml):
     base = ["algorithm.name=gspo", "parallel.tp=1", "generation.max_new_tokens=128"]
     validate(tiny(tiny_yaml, *base, "algorithm.gspo.n_rollouts=4", "algorithm.gspo.prompts_per_step=2",

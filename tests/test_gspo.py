@@ -56,6 +56,7 @@ class Run(NamedTuple):
     budget: int = 0             # train.max_tokens_per_microbatch (0: padded rows of MICRO_BATCH)
     moe: bool = False
     cases: tuple | None = None  # None: every case
+    share: bool = False         # train.share_prompts: a group's prompt laid out once per microbatch
 
 
 MICRO_BATCH = 3       # padded rows per microbatch at 2 ranks (filler rows appear)
@@ -150,7 +151,7 @@ def _update_all(runs: dict, micro_batch_size: int, init_state):
             advantages = compute_advantages(rollouts, filter_zero_std_groups=case.filter_zero_std)
             if run.budget:
                 minibatches = build_packed_minibatches(rollouts, advantages, case.mini_batches, run.budget,
-                                                       sequence_length_multiple(parallel))
+                                                       sequence_length_multiple(parallel), share_prompts=run.share)
             else:
                 minibatches = build_minibatches(rollouts, advantages, case.mini_batches, micro_batch_size,
                                                 sequence_length_multiple(parallel))
@@ -274,7 +275,8 @@ def launches(tmp_path_factory):
     # tp1_packed: one process, several packed microbatches per mini-batch
     single = run_ranks(_update_all, 1, {"tp1": Run(ParallelConfig()),
                                         "tp1_moe": Run(ParallelConfig(), moe=True, cases=MOE_CASES),
-                                        "tp1_packed": Run(ParallelConfig(), PACK_BUDGET)}, 16, None)[0]
+                                        "tp1_packed": Run(ParallelConfig(), PACK_BUDGET),
+                                        "tp1_shared": Run(ParallelConfig(), PACK_BUDGET, share=True)}, 16, None)[0]
     init_state = {(False, c): single[("tp1", c)]["init"] for c in CASES}
     init_state.update({(True, c): single[("tp1_moe", c)]["init"] for c in MOE_CASES})
     tp2, sp = ParallelConfig(tp=2, use_distributed_optimizer=False), ParallelConfig(
@@ -286,6 +288,11 @@ def launches(tmp_path_factory):
            for name, parallel in (("tp2", tp2), ("tp2_sp", sp), ("dp2_distopt", dp2), ("pp2", pp2))},
         "ep2_packed": Run(ParallelConfig(ep=2, use_distributed_optimizer=False), PACK_BUDGET, moe=True,
                           cases=MOE_CASES),
+        # shared prompts: every token-wise layout, and EP's token exchange
+        **{f"{name}_shared": Run(parallel, PACK_BUDGET, cases=PACKED_CASES, share=True)
+           for name, parallel in (("tp2_sp", sp), ("dp2_distopt", dp2), ("pp2", pp2))},
+        "ep2_shared": Run(ParallelConfig(ep=2, use_distributed_optimizer=False), PACK_BUDGET, moe=True,
+                          cases=MOE_CASES, share=True),
     }
     root = tmp_path_factory.mktemp("gspo")
     inputs = prepare_inputs(root / "inputs", DemoSpec(n_train=64, n_test=8, model=TINY_MODEL))
@@ -302,7 +309,8 @@ def launches(tmp_path_factory):
 def _compared(single, pair, layouts):
     """(layout, case, reference result, result) for every run but the references themselves: the
     2-rank layouts and the one-process packed run, each against the one-process padded run."""
-    runs = {"tp1_packed": (single, None), **{name: (pair["update"], run) for name, run in layouts.items()}}
+    runs = {"tp1_packed": (single, None), "tp1_shared": (single, None),
+            **{name: (pair["update"], run) for name, run in layouts.items()}}
     for lname, (results, run) in runs.items():
         moe = run is not None and run.moe
         for cname in (run.cases if run is not None and run.cases else CASES):
@@ -328,7 +336,7 @@ def test_update_is_layout_invariant(launches):
         for name, value in ref["metrics"].items():
             assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (cname, lname, name)
         compared += 1
-    assert compared == len(CASES) * 5 + len(PACKED_CASES) * 4 + len(MOE_CASES)
+    assert compared == len(CASES) * 6 + len(PACKED_CASES) * 7 + len(MOE_CASES) * 2
 
 
 def test_microbatch_split_and_filler_rows(launches):

@@ -147,6 +147,7 @@ def test_bench_gspo_smoke_on_an_hf_dir(tiny_hf):
     # (of the rounded times)
     assert report["speedup"] == pytest.approx(report["baseline_step_s"] / report["step_s"], rel=0.05)
     assert 0 < report["response_tokens"] <= 4 * 4
+    assert report["share_prompts"] is True   # the trainer's default on SDPA attention
 
 
 @pytest.mark.slow  # a benchmark end to end (~25 s)

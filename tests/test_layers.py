@@ -213,6 +213,59 @@ def test_thd_attention_in_length_buckets_equals_each_document_alone_with_gradien
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("lengths,prefix_of", [
+    ([5, 3, 1, 4, 2, 6], [-1, 0, 0, 0, -1, 4]),                      # two prompts, then a lone document
+    ([40, 2, 70, 3, 9, 9, 9], [-1, 0, 0, -1, 3, 3, 3]),              # continuations in several buckets
+    ([4, 7], [-1, -1])])                                            # nothing shared
+def test_thd_attention_with_shared_prefixes_equals_each_prefix_plus_continuation_alone(lengths, prefix_of):
+    """A document continuing a prefix attends as if it followed the prefix in one sequence; the prefix
+    attends to itself; q/k/v gradients (fp64) sum over every continuation reading the prefix."""
+    from megagsm.models.packed_seq import thd_params
+
+    attn = _attention(_config())
+    q, k, v, _ = _thd_inputs(lengths)
+    params = thd_params(lengths, prefix_of=prefix_of)
+    q, k, v = (x.double().requires_grad_(True) for x in (q, k, v))
+    out = attn(q, k, v, None, packed_seq_params=params)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    starts = [sum(lengths[:d]) for d in range(len(lengths))]
+    span = [torch.arange(a, a + n) for a, n in zip(starts, lengths)]
+    expected = [None] * len(lengths)
+    for d, p in enumerate(prefix_of):
+        rows = span[d] if p < 0 else torch.cat([span[p], span[d]])
+        n = len(rows)
+        i = torch.arange(n)
+        ref = _reference(q[rows, None], k[rows, None], v[rows, None], (i[None, :] <= i[:, None]).view(1, 1, n, n),
+                         1 / math.sqrt(8))[:, 0]
+        expected[d] = ref if p < 0 else ref[lengths[p]:]
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_prefix_rope_positions_continue_the_prefix():
+    """thd_rope rotates a continuation's tokens at the positions after its prefix's."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megagsm.models.packed_seq import document_positions, thd_params, thd_rope
+
+    class _CP1:
+        def size(self):
+            return 1
+
+    lengths, prefix_of = [3, 2, 4, 5], [-1, 0, 0, -1]
+    params = thd_params(lengths, prefix_of=prefix_of)
+    positions = document_positions(lengths, prefix_of)
+    assert positions.tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6, 0, 1, 2, 3, 4]
+    t = torch.randn(14, 2, 8, generator=torch.Generator().manual_seed(0))
+    freqs = torch.randn(params.max_seqlen_q, 1, 1, 8)
+    out = thd_rope(t, params.cu_seqlens_q, freqs, cp_group=_CP1())
+    want = rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[positions]).squeeze(1)
+    assert params.max_seqlen_q == 7 and torch.equal(out, want)
+
+
 def test_thd_buckets_rule_and_plan_cache():
     """Longest first, a new bucket when a document is under 1/ratio of the bucket's longest, all
     documents of at most `floor` tokens together; a plan is rebuilt when cu_seqlens change in place."""
@@ -263,7 +316,7 @@ def _variant(params, **changes):
 
 
 @pytest.mark.parametrize("problem", ["int64", "no_kv", "shape", "max_seqlen_small", "max_seqlen_tensor",
-                                     "four_dims", "format", "device"])
+                                     "four_dims", "format", "device", "shared_prefix"])
 def test_te_like_attention_refuses_what_te_refuses(problem):
     q, k, v, params = _thd_inputs([5, 2])
     cu = params.cu_seqlens_q
@@ -281,6 +334,10 @@ def test_te_like_attention_refuses_what_te_refuses(problem):
         q, k, v = q[:, None], k[:, None], v[:, None]
     elif problem == "device":  # TE's kernels read cu_seqlens on the q/k/v device
         params = _variant(params, cu_seqlens_q=cu.to("meta"), cu_seqlens_kv=cu.to("meta"))
+    elif problem == "shared_prefix":  # TE would attend inside each document only
+        from megagsm.models.packed_seq import thd_params
+
+        params = thd_params([5, 2], prefix_of=[-1, 0])
     else:
         params = _variant(params, qkv_format="bshd")
     with pytest.raises(ValueError, match="TE"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megagsm.data.packing import first_fit_bins
+from megagsm.models.packed_seq import document_prefixes
 from megagsm.rl.balance import assign_by_tokens, exchange
 from megagsm.rl.batching import LABEL_PAD, Rollouts, build_minibatches, compute_advantages
 from megagsm.rl.losses import policy_loss
@@ -46,9 +47,9 @@ def test_a_packed_microbatch_is_its_sequences_back_to_back():
     assert params.cu_seqlens_q.tolist() == [0, 4, 7, 9, 16] and params.cu_seqlens_kv is params.cu_seqlens_q
     assert params.max_seqlen_q == params.max_seqlen_kv == 7 and isinstance(params.max_seqlen_q, int)
     # scored: the positions predicting a response token, in packed order
-    scored = b["scored"][0].nonzero().flatten().tolist()
+    scored = b["scored"].tolist()
     assert scored == [2, 3, 4, 5, 6, 8]
-    assert b["labels"][0, scored].tolist() == [7, 8, 9, 10, 11, 12]
+    assert b["labels"][0, scored].tolist() == b["scored_labels"].tolist() == [7, 8, 9, 10, 11, 12]
     # the [S, R] view: one row per sequence, response token j in column j
     assert b["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
     assert b["response_index"].tolist() == [0, 1, 3, 4, 5, 6]
@@ -58,9 +59,58 @@ def test_a_packed_microbatch_is_its_sequences_back_to_back():
     assert "routing" not in b and "token_mask" not in b
 
 
+def test_a_shared_prompt_is_laid_out_once_and_each_response_continues_it():
+    prompt = [1, 2, 3]
+    samples = [Sample(prompt, [7, 8, 9], 0.5, group=(0, 0)), Sample(prompt, [10], -0.5, group=(0, 0)),
+               Sample(prompt, [11, 12], 1.0, group=(0, 0)), Sample([4, 5], [13, 14], 2.0, group=(0, 1))]
+    b = pack_microbatch(samples, T=10, share_prompts=True)
+    # the prompt once (its last label is read through `scored` only), then each response's own tokens
+    assert b["tokens"][0].tolist() == [1, 2, 3, 7, 8, 11, 4, 5, 13, LABEL_PAD]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 0]
+    params = b["packed_seq_params"]
+    assert params.cu_seqlens_q.tolist() == [0, 3, 5, 6, 9, 10]  # (the one-token response has no document)
+    assert document_prefixes(params.cu_seqlens_q) == (-1, 0, 0, -1, -1)
+    assert params.max_seqlen_q == 5  # RoPE's table reaches the longest continuation (3 + 2 positions)
+    # every response token's predecessor, the prompt's last position once per response
+    assert b["scored"].tolist() == [2, 3, 4, 2, 2, 5, 7, 8]
+    assert b["scored_labels"].tolist() == [7, 8, 9, 10, 11, 12, 13, 14]
+    assert b["response_index"].tolist() == [0, 1, 2, 3, 6, 7, 9, 10]
+    # the same sequences without sharing cost 3 more prompt tokens per extra response
+    plain = pack_microbatch(samples, T=24)
+    assert int(plain["packed_seq_params"].cu_seqlens_q[-2]) == 9 + 2 * 3
+
+
+def test_a_group_cut_by_the_budget_packs_as_parts_each_with_its_prompt():
+    from megagsm.rl.packing import prompt_units, shared_tokens
+
+    prompt = [1, 2, 3, 4]
+    group = [Sample(prompt, [5, 6, 7], 0.0, group=(0, 0)) for _ in range(4)] + [Sample([9], [8, 8], 0.0, group=(0, 1))]
+    units = prompt_units(group, budget=9, share=True)
+    # the prompt (4) + 2 tokens per response: three would need 10 tokens
+    assert [len(u) for u in units] == [2, 2, 1] and [shared_tokens(u) for u in units] == [8, 8, 2]
+    assert [u[0].group for u in units] == [(0, 0, 0), (0, 0, 1), (0, 1, 0)]
+    # packed side by side, the two parts keep their own prompt copies (what the plan counted)
+    b = pack_microbatch([s for u in units for s in u], T=20, share_prompts=True)
+    assert int(b["packed_seq_params"].cu_seqlens_q[-2]) == 8 + 8 + 2
+    assert prompt_units(group, budget=9, share=False) == [[s] for s in group]
+
+
+def test_shared_prompts_pack_groups_within_the_budget():
+    ro = _rollouts(prompts=8, n=4, flat=(2,))
+    adv = compute_advantages(ro, filter_zero_std_groups=True)
+    plain = build_packed_minibatches(ro, adv, 2, 40, multiple=8)
+    shared = build_packed_minibatches(ro, adv, 2, 40, multiple=8, share_prompts=True)
+    for a, b in zip(plain, shared):
+        assert a.local_sequences == b.local_sequences and a.global_sequences == b.global_sequences
+        assert b.real_tokens < a.real_tokens and b.computed_tokens <= a.computed_tokens
+        assert all(int(m["packed_seq_params"].cu_seqlens_q[-1]) == b.seq_length <= 40 for m in b.microbatches)
+        assert sorted(l for m in b.microbatches for l in m["scored_labels"].tolist()) == sorted(
+            l for m in a.microbatches for l in m["scored_labels"].tolist())
+
+
 def test_a_filler_microbatch_is_one_padding_document_with_nothing_scored():
     b = pack_microbatch([], T=8)
-    assert b["packed_seq_params"].cu_seqlens_q.tolist() == [0, 8] and not b["scored"].any()
+    assert b["packed_seq_params"].cu_seqlens_q.tolist() == [0, 8] and b["scored"].numel() == 0
     assert b["response_mask"].shape == (1, 1) and b["response_mask"].sum() == 0
     assert b["response_index"].numel() == 0
 
@@ -94,7 +144,7 @@ def test_packed_minibatches_hold_every_kept_sequence_within_the_budget_at_one_sh
             assert b["tokens"].shape == (1, mb.seq_length) and mb.micro_batch_size == 1
             assert b["packed_seq_params"].cu_seqlens_q[-1] == mb.seq_length
             assert int((b["tokens"] != LABEL_PAD).sum()) <= budget  # (no real token id is 0 here)
-            responses = b["labels"][0][b["scored"][0]].tolist()
+            responses = b["scored_labels"].tolist()
             lens = b["response_mask"].sum(-1).long().tolist()
             for n in lens:
                 seen.append(responses[:n])
@@ -142,7 +192,7 @@ def _padded_view(batch, table):
 def _packed_view(batch, table):
     S, R = batch["response_mask"].shape
     labels = torch.zeros(S * R, dtype=torch.long)
-    labels[batch["response_index"]] = batch["labels"][0][batch["scored"][0]]
+    labels[batch["response_index"]] = batch["scored_labels"]
     column = torch.arange(R).expand(S, R)
     return _fake_log_probs(table, labels.view(S, R), column) * batch["response_mask"]
 
@@ -175,10 +225,11 @@ def test_packed_microbatches_give_the_padded_loss_and_gradient(mode, agg, correc
     ref_loss, ref_grad = total(padded.microbatches, _padded_view)
     assert ref_grad.abs().sum() > 0
     for budget in (20, 33, 64, 400):
-        (packed,) = build_packed_minibatches(ro, adv, 1, budget, multiple=8)
-        loss, grad = total(packed.microbatches, _packed_view)
-        assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-9), budget
-        assert torch.allclose(grad, ref_grad, atol=1e-7), budget
+        for share in (False, True):
+            (packed,) = build_packed_minibatches(ro, adv, 1, budget, multiple=8, share_prompts=share)
+            loss, grad = total(packed.microbatches, _packed_view)
+            assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-9), (budget, share)
+            assert torch.allclose(grad, ref_grad, atol=1e-7), (budget, share)
     # the independent truth for the whole mini-batch: policy_loss on the padded rows
     full = padded.microbatches[0]
     if correction == "none":

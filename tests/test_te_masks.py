@@ -88,7 +88,31 @@ def _thd_errors(families) -> dict:
             packed = model(tokens, document_positions(docs)[None], None, packed_seq_params=thd_params(docs))[0]
             alone = torch.cat([model(s[None], torch.arange(len(s))[None], None)[0] for s in seqs])
         out[name] = (packed[:len(alone)] - alone).abs().max().item()
+        if not name.endswith("_te_like"):
+            out[f"{name}_shared"] = _shared_prompt_error(model, g)
     return out
+
+
+def _shared_prompt_error(model, g) -> float:
+    """Max |logit| difference between one THD forward of a prompt laid out once with three responses
+    continuing it (thd_params' prefix_of, as GSPO's shared prompts pack them) and a forward of the
+    prompt + each response alone."""
+    from megagsm.models.packed_seq import document_positions, thd_params
+
+    prompt = torch.randint(1, 250, (6,), generator=g)
+    responses = [torch.randint(1, 250, (n,), generator=g) for n in (4, 1, 7)]
+    docs, prefix_of = [6, 4, 1, 7, 5], [-1, 0, 0, 0, -1]
+    tokens = torch.cat([prompt, *responses, torch.zeros(5, dtype=torch.long)])[None]
+    with torch.no_grad():
+        packed = model(tokens, document_positions(docs, prefix_of)[None], None,
+                       packed_seq_params=thd_params(docs, prefix_of=prefix_of))[0]
+        errors, start = [], 6
+        for r in responses:
+            alone = model(torch.cat([prompt, r])[None], torch.arange(6 + len(r))[None], None)[0]
+            errors.append((packed[:6] - alone[:6]).abs().max())
+            errors.append((packed[start:start + len(r)] - alone[6:]).abs().max())
+            start += len(r)
+    return max(errors).item()
 
 
 def _launch(work_dir):
@@ -194,8 +218,9 @@ def test_packed_sft_losses_equal_unpacked_under_sdpa_and_te_rules(launch):
 def test_one_thd_forward_of_packed_sequences_equals_each_sequence_alone(launch):
     """GSPO's packed microbatches (megagsm.rl.packing) rely on it: per-document attention and RoPE
     positions restarting per sequence, for dense, Gemma and MLA (DeepSeek V2/V3) models, under
-    megagsm's SDPA attention and under TE's THD rules."""
-    assert set(launch["thd"]) == {*THD_FAMILIES, "qwen2_te_like"}
+    megagsm's SDPA attention and under TE's THD rules; and (`_shared`, SDPA) a shared prompt laid out
+    once gives each continuation the logits of prompt + response alone."""
+    assert set(launch["thd"]) == {*THD_FAMILIES, *(f"{f}_shared" for f in THD_FAMILIES), "qwen2_te_like"}
     for family, err in launch["thd"].items():
         assert err < THD_ATOL, (family, err)
 

@@ -25,6 +25,10 @@ class TrainConfig:
     # without padding, THD). null: micro_batch_size*(data.max_prompt_len+generation.max_new_tokens)
     # rounded up to the sequence-length multiple; 0: micro_batch_size padded rows (no packing)
     max_tokens_per_microbatch: int | None = None  # GSPO tokens per packed microbatch (null: auto, 0: padded rows)
+    # GSPO packed microbatches: a group's sequences share one copy of their prompt (the model runs the
+    # prompt's tokens once, its responses attend to it). null: auto = on with megagsm's SDPA attention
+    # and no routing replay; true: required (refused under transformer-engine or routing replay); false: off
+    share_prompts: bool | None = None
     train_steps: int = 100             # optimizer steps
     eval_interval: int = 0             # steps between evaluations; 0: only at the end
     save_interval: int = 0             # steps between checkpoints; 0: only at the end

@@ -156,7 +156,16 @@ def _packing_problems(cfg: RunConfig) -> list[str]:
     """A GSPO token budget must hold the longest sequence the model can be fed (prompt + response,
     minus the last token, which is only a label)."""
     budget = cfg.train.max_tokens_per_microbatch
-    if cfg.algorithm.name != "gspo" or budget is None or budget == 0:
+    if cfg.algorithm.name != "gspo":
+        return []
+    if cfg.train.share_prompts:
+        if budget == 0:
+            return ["train.share_prompts=true needs packed microbatches: train.max_tokens_per_microbatch=0 "
+                    "is padded rows (use null or a token budget, or share_prompts=null|false)"]
+        if cfg.algorithm.gspo.routing_replay != "none":
+            return [f"train.share_prompts=true: routing replay (algorithm.gspo.routing_replay="
+                    f"{cfg.algorithm.gspo.routing_replay}) needs every sequence's own tokens; use share_prompts=null|false"]
+    if budget is None or budget == 0:
         return []
     longest = cfg.data.max_prompt_len + cfg.generation.max_new_tokens - 1
     if budget < 0 or budget < longest:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megagsm.models.packed_seq import document_prefixes
+
 RATIO = 1.2   # a bucket's longest document / its shortest (measured, see SDPAttention's docstring)
 FLOOR = 32    # documents this short share one bucket whatever their lengths
 _CACHE_SIZE = 4
@@ -35,11 +37,16 @@ _CACHE_SIZE = 4
 class Bucket:
     n: int                    # documents
     length: int               # L: every document padded to it
-    tokens: torch.Tensor      # [m] the bucket's tokens (rows of the packed q/k/v)
+    tokens: torch.Tensor      # [m] the tokens whose output the bucket gives (rows of the packed q/k/v)
     slots: torch.Tensor       # [m] the slot (of the n * L) holding each of them
     gather: torch.Tensor      # [n * L] the token each slot reads (padding: its document's last, then zeroed)
-    padding: torch.Tensor     # [n * L - m] the padding slots
+    padding: torch.Tensor     # [n * L - m - repeats] the padding slots
     key_lengths: torch.Tensor  # [n] each document's length (the key mask of non-causal attention)
+    # shared prefixes: slots that read a prefix token again (its keys and values; their outputs are
+    # dropped), with the token each reads; empty without prefixes
+    repeat_slots: torch.Tensor | None = None
+    repeat_tokens: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None   # padding + repeat slots: no output gradient reaches them
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class Plan:
     tokens: int
     buckets: tuple[Bucket, ...]
     identity: bool            # one bucket of equal-length documents: its batch is a view of q/k/v
+    shared: bool = False      # some slots repeat a prefix's tokens (document_prefixes)
 
 
 def bucket_documents(lengths: list[int], ratio: float = RATIO, floor: int = FLOOR) -> list[list[int]]:
@@ -62,26 +70,60 @@ def bucket_documents(lengths: list[int], ratio: float = RATIO, floor: int = FLOO
     return [sorted(b) for b in buckets]
 
 
-def build_plan(bounds: list[int], device: torch.device, ratio: float = RATIO, floor: int = FLOOR) -> Plan:
-    """The buckets of documents [bounds[i], bounds[i+1]) of a packed row, with their index maps."""
+def attention_documents(bounds: list[int], prefix_of: tuple[int, ...] | None = None) -> list[tuple[list[int], int]]:
+    """The documents attention sees, as (packed token indices, how many leading ones are repeats): each
+    document alone, or a document with a prefix as the prefix's tokens followed by its own. A prefix
+    gives its own outputs through its first continuation (no repeat there) and is not a document of
+    its own unless nothing continues it."""
+    spans = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    if prefix_of is None:
+        return [(span, 0) for span in spans]
+    continued = {p for p in prefix_of if p >= 0}
+    first = {}
+    docs = []
+    for d, span in enumerate(spans):
+        p = prefix_of[d]
+        if d in continued:
+            continue
+        if p < 0:
+            docs.append((span, 0))
+        else:
+            repeat = 0 if first.setdefault(p, d) == d else len(spans[p])
+            docs.append((spans[p] + span, repeat))
+    return docs
+
+
+def build_plan(bounds: list[int], device: torch.device, ratio: float = RATIO, floor: int = FLOOR,
+               prefix_of: tuple[int, ...] | None = None) -> Plan:
+    """The buckets of documents [bounds[i], bounds[i+1]) of a packed row (continuing their prefixes,
+    see attention_documents), with their index maps."""
     if len(bounds) < 2 or bounds[0] != 0 or any(a >= b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens {bounds} must rise from 0, one non-empty document after another")
-    starts = torch.tensor(bounds[:-1])
-    lengths = torch.tensor(bounds[1:]) - starts
+    docs = attention_documents(bounds, prefix_of)
+    lengths = torch.tensor([len(tokens) for tokens, _ in docs])
     groups = bucket_documents(lengths.tolist(), ratio, floor)
     buckets = []
-    for docs in groups:
-        idx = torch.tensor(docs)
-        doc_lengths, doc_starts = lengths[idx], starts[idx]
-        L = int(doc_lengths.max())
-        offset = torch.arange(L)
-        gather = doc_starts[:, None] + torch.minimum(offset, doc_lengths[:, None] - 1)   # [n, L]
-        real = (offset[None, :] < doc_lengths[:, None]).reshape(-1)
-        buckets.append(Bucket(n=len(docs), length=L, tokens=gather.reshape(-1)[real].to(device),
-                              slots=real.nonzero().squeeze(1).to(device), gather=gather.reshape(-1).to(device),
-                              padding=(~real).nonzero().squeeze(1).to(device), key_lengths=doc_lengths.to(device)))
-    identity = len(buckets) == 1 and bool((lengths == lengths[0]).all())
-    return Plan(tokens=bounds[-1], buckets=tuple(buckets), identity=identity)
+    for members in groups:
+        L = int(lengths[members].max())
+        gather = torch.zeros(len(members), L, dtype=torch.long)
+        kind = torch.zeros(len(members), L, dtype=torch.long)   # 0 padding, 1 own token, 2 repeat
+        for row, d in enumerate(members):
+            tokens, repeat = docs[d]
+            n = len(tokens)
+            gather[row, :n] = torch.tensor(tokens)
+            gather[row, n:] = tokens[-1]
+            kind[row, :n] = 1
+            kind[row, :repeat] = 2
+        gather, kind = gather.reshape(-1), kind.reshape(-1)
+        own, repeated, pad = (kind == 1).nonzero().squeeze(1), (kind == 2).nonzero().squeeze(1), (kind == 0)
+        buckets.append(Bucket(
+            n=len(members), length=L, tokens=gather[own].to(device), slots=own.to(device),
+            gather=gather.to(device), padding=pad.nonzero().squeeze(1).to(device), key_lengths=lengths[members].to(device),
+            repeat_slots=repeated.to(device), repeat_tokens=gather[repeated].to(device),
+            dropped=(kind != 1).nonzero().squeeze(1).to(device)))
+    shared = any(b.repeat_slots.numel() for b in buckets)
+    identity = len(buckets) == 1 and bool((lengths == lengths[0]).all()) and prefix_of is None
+    return Plan(tokens=bounds[-1], buckets=tuple(buckets), identity=identity, shared=shared)
 
 
 _plans: dict[int, tuple[torch.Tensor, int, torch.device, Plan]] = {}
@@ -94,7 +136,7 @@ def plan_for(cu_seqlens: torch.Tensor, tokens: int, device: torch.device) -> Pla
     if hit is not None and hit[0] is cu_seqlens and hit[1:3] == (cu_seqlens._version, device):
         plan = hit[3]
     else:
-        plan = build_plan(cu_seqlens.tolist(), device)
+        plan = build_plan(cu_seqlens.tolist(), device, prefix_of=document_prefixes(cu_seqlens))
         if len(_plans) >= _CACHE_SIZE:
             _plans.pop(next(iter(_plans)))
         _plans[id(cu_seqlens)] = (cu_seqlens, cu_seqlens._version, device, plan)
@@ -103,9 +145,9 @@ def plan_for(cu_seqlens: torch.Tensor, tokens: int, device: torch.device) -> Pla
     return plan
 
 
-def _padded(x: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-    """[t, ...] -> the bucket's [n, L, ...] rows, zero in the padding slots."""
-    rows = x.index_select(0, bucket.gather).index_fill_(0, bucket.padding, 0)
+def _padded(x: torch.Tensor, bucket: Bucket, zeroed: torch.Tensor | None = None) -> torch.Tensor:
+    """[t, ...] -> the bucket's [n, L, ...] rows, zero in the padding slots (or in `zeroed`)."""
+    rows = x.index_select(0, bucket.gather).index_fill_(0, bucket.padding if zeroed is None else zeroed, 0)
     return rows.view(bucket.n, bucket.length, *x.shape[1:])
 
 
@@ -114,7 +156,7 @@ def _unpadded(batches, plan: Plan, shape) -> torch.Tensor:
     outputs and gradients are laid out [n, L, heads, dim] already, so each reshape is a view."""
     rows = [None if x is None else x.reshape(b.n * b.length, *x.shape[2:]).index_select(0, b.slots)
             for b, x in zip(plan.buckets, batches)]
-    if len(rows) == 1 and rows[0] is not None:
+    if len(rows) == 1 and rows[0] is not None and not plan.shared:
         return rows[0]  # one bucket holds the documents in token order
     present = [r for r in rows if r is not None]
     # every token has one real slot: the buckets write every row unless one has no gradient
@@ -127,7 +169,8 @@ def _unpadded(batches, plan: Plan, shape) -> torch.Tensor:
 
 class _ToBuckets(torch.autograd.Function):
     """[t, heads, dim] -> each bucket's [n, heads, L, dim]. Padding slots are constants (zeros), so
-    the gradient of a token is that of its one real slot: a gather, not a zero-filled scatter-add."""
+    the gradient of a token is that of its one real slot: a gather, not a zero-filled scatter-add;
+    a prefix token read again by other documents (their keys and values) adds those slots' gradients."""
 
     @staticmethod
     def forward(ctx, x, plan):
@@ -136,7 +179,14 @@ class _ToBuckets(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _unpadded([None if g is None else g.transpose(1, 2) for g in grads], ctx.plan, ctx.shape), None
+        grads = [None if g is None else g.transpose(1, 2) for g in grads]
+        out = _unpadded(grads, ctx.plan, ctx.shape)
+        if ctx.plan.shared:
+            for b, g in zip(ctx.plan.buckets, grads):
+                if g is not None and b.repeat_slots.numel():
+                    rows = g.reshape(b.n * b.length, *g.shape[2:]).index_select(0, b.repeat_slots)
+                    out = out.index_add_(0, b.repeat_tokens, rows)
+        return out, None
 
 
 class _FromBuckets(torch.autograd.Function):
@@ -151,7 +201,7 @@ class _FromBuckets(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, *(_padded(grad, b).transpose(1, 2) for b in ctx.plan.buckets))
+        return (None, *(_padded(grad, b, b.dropped).transpose(1, 2) for b in ctx.plan.buckets))
 
 
 def to_buckets(x: torch.Tensor, plan: Plan) -> list[torch.Tensor]:

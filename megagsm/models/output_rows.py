@@ -99,15 +99,16 @@ def scatter_kept_rows(values: torch.Tensor, kept: torch.Tensor, n: int) -> torch
 
 
 def output_layer_rows(model, hidden: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vocab-parallel logits [n, V/tp] of the positions where keep [b, s] is true, from the decoder
-    output hidden [s, b, h] ([s/tp, b, h] under sequence parallelism) of a (wrapped) GPTModel's last
-    stage, and their row indices in the [s * b] (sequence-major) flattening. The input enters the TP
-    region as megatron's output layer would take it (copy / sequence all-gather), then only the kept
-    rows are multiplied: the output projection is skipped for the others."""
+    """Vocab-parallel logits [n, V/tp] of the positions where keep [b, s] is true (or of the [n] row
+    indices keep holds, repeats allowed), from the decoder output hidden [s, b, h] ([s/tp, b, h] under
+    sequence parallelism) of a (wrapped) GPTModel's last stage, and their row indices in the [s * b]
+    (sequence-major) flattening. The input enters the TP region as megatron's output layer would take
+    it (copy / sequence all-gather), then only the kept rows are multiplied: the output projection is
+    skipped for the others."""
     gpt = unwrap_model(model)
     hidden = enter_output_layer(hidden, gpt.output_layer.sequence_parallel, gpt.output_layer.tp_group)
     weight = output_weight(model)
     s, b, h = hidden.shape
-    kept = keep.transpose(0, 1).reshape(s * b).nonzero().squeeze(1)
+    kept = keep if keep.dtype != torch.bool else keep.transpose(0, 1).reshape(s * b).nonzero().squeeze(1)
     rows = hidden.reshape(s * b, h).index_select(0, kept).to(weight.dtype)
     return torch.matmul(rows, weight.t()), kept

@@ -17,20 +17,48 @@ from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
 
 
-def thd_params(lengths: list[int], device: torch.device | str | None = None) -> PackedSeqParams:
-    """PackedSeqParams of consecutive documents of these (positive) lengths."""
+def thd_params(lengths: list[int], device: torch.device | str | None = None,
+               prefix_of: list[int] | None = None) -> PackedSeqParams:
+    """PackedSeqParams of consecutive documents of these (positive) lengths.
+
+    prefix_of: per document, an earlier document it continues (-1: none), e.g. the prompt a GSPO group's
+    responses share (megagsm.rl.packing): such a document's positions go on from its prefix's last, and
+    its tokens attend to the prefix's as if it followed it. A prefix has no prefix itself. Only megagsm's
+    SDPA attention reads this (`document_prefixes`); transformer-engine would attend inside each document."""
     if not lengths or min(lengths) < 1:
         raise ValueError(f"THD documents need at least one token each, got lengths {lengths}")
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-    longest = max(lengths)
+    offsets = prefix_offsets(lengths, prefix_of)
+    longest = max(n + o for n, o in zip(lengths, offsets))
+    if prefix_of is not None:
+        # megatron hands RoPE only the cu_seqlens tensor, so the structure travels on it
+        cu.megagsm_prefix_of = tuple(prefix_of)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
-def document_positions(lengths: list[int]) -> torch.Tensor:
-    """[sum(lengths)] positions restarting at 0 in every document (what RoPE applies under THD; the
-    position_ids a learned absolute position embedding would read)."""
-    return torch.cat([torch.arange(n) for n in lengths])
+def document_prefixes(cu_seqlens: torch.Tensor) -> tuple[int, ...] | None:
+    """thd_params' prefix_of for these cu_seqlens (None: every document stands alone)."""
+    return getattr(cu_seqlens, "megagsm_prefix_of", None)
+
+
+def prefix_offsets(lengths: list[int], prefix_of: list[int] | None) -> list[int]:
+    """Per document, the position its first token has: its prefix's length (0 without one)."""
+    if prefix_of is None:
+        return [0] * len(lengths)
+    if len(prefix_of) != len(lengths):
+        raise ValueError(f"prefix_of names {len(prefix_of)} documents, the row has {len(lengths)}")
+    for d, p in enumerate(prefix_of):
+        if p >= d or (p >= 0 and prefix_of[p] >= 0):
+            raise ValueError(f"document {d}: prefix {p} must be an earlier document without a prefix of its own")
+    return [lengths[p] if p >= 0 else 0 for p in prefix_of]
+
+
+def document_positions(lengths: list[int], prefix_of: list[int] | None = None) -> torch.Tensor:
+    """[sum(lengths)] positions restarting at 0 in every document, or at its prefix's length (what RoPE
+    applies under THD; the position_ids a learned absolute position embedding would read)."""
+    offsets = prefix_offsets(lengths, prefix_of)
+    return torch.cat([torch.arange(n) + o for n, o in zip(lengths, offsets)])
 
 
 # ---------------------------------------------------------------- RoPE on THD rows, in one pass
@@ -51,9 +79,13 @@ def thd_rope(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, rot
         return _megatron_thd_rope(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
                                   multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
     total = t.shape[0]
-    if freqs.shape[0] != total:
+    prefixes = document_prefixes(cu_seqlens)
+    if freqs.shape[0] != total or prefixes is not None:
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
+        if prefixes is not None:  # a document continuing a prefix starts at the prefix's length
+            prefix = torch.tensor(prefixes, device=starts.device)
+            starts = starts - torch.where(prefix >= 0, lengths[prefix.clamp(min=0)], 0)
         positions = torch.arange(total, device=freqs.device) - torch.repeat_interleave(
             starts.to(freqs.device), lengths.to(freqs.device), output_size=total)
         freqs = freqs[positions]

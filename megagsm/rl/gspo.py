@@ -30,6 +30,8 @@ from megagsm.config import RunConfig
 from megagsm.config.errors import ConfigError
 from megagsm.data.prompts import encode_example_prompt, truncate_prompt
 from megagsm.generation import generate_many
+from megagsm.layers.attention import SDPAttention
+from megagsm.layers.spec import core_attention_classes
 from megagsm.models.router_replay import ModelRouting
 from megagsm.models.training import sequence_length_multiple
 from megagsm.rl.batching import Advantages, MiniBatch, Rollouts, build_minibatches, compute_advantages
@@ -120,8 +122,19 @@ class GSPO:
             except ValueError:
                 raise ConfigError(f"algorithm.gspo.routing_replay={g.routing_replay} needs a mixture-of-experts "
                                   "model with top-k routers (this model has none): use routing_replay=none") from None
+        self.share_prompts = self._share_prompts(cfg)
         self.release_memory = release_enabled(cfg.generation.release_training_memory, info.device)
         self._prompts: dict[int, list[int]] = {}
+
+    def _share_prompts(self, cfg) -> bool:
+        """train.share_prompts resolved: shared prompts need megagsm's SDPA attention (transformer-engine
+        attends inside each THD document only), packed microbatches and no routing replay."""
+        wanted = cfg.train.share_prompts
+        sdpa = core_attention_classes(self.trainer.chunks) <= {SDPAttention}
+        if wanted and not sdpa:
+            raise ConfigError("train.share_prompts=true needs model.attention_backend=sdpa: transformer-engine "
+                              "attends inside each packed document only (use share_prompts=null|false)")
+        return wanted is not False and sdpa and bool(self.token_budget) and self.routing is None
 
     def on_initial_policy(self) -> None:
         if self.gspo.kl_coef > 0:  # the initial policy, before any resume
@@ -212,7 +225,7 @@ class GSPO:
         device = self.trainer.info.device
         if self.token_budget:
             return build_packed_minibatches(rollouts, advantages, self.gspo.mini_batches, self.token_budget,
-                                            self.multiple, device=device)
+                                            self.multiple, device=device, share_prompts=self.share_prompts)
         return build_minibatches(rollouts, advantages, self.gspo.mini_batches, self.cfg.train.micro_batch_size,
                                  self.multiple, device=device)
 

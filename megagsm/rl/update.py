@@ -168,7 +168,10 @@ def _per_position(values: torch.Tensor, kept: torch.Tensor, batch: dict) -> torc
 
 
 def _response_log_probs(output: torch.Tensor, kept: torch.Tensor, batch: dict, spec: LossSpec) -> torch.Tensor:
-    labels = batch["labels"].transpose(0, 1).reshape(-1).index_select(0, kept)
+    if is_packed(batch):  # (a shared prompt's last position predicts each of its responses' first token)
+        labels = batch["scored_labels"]
+    else:
+        labels = batch["labels"].transpose(0, 1).reshape(-1).index_select(0, kept)
     return _per_position(token_log_probs(output, labels, spec.temperature, spec.vocab_limit), kept, batch)
 
 

@@ -66,6 +66,10 @@ def check_thd_like_te(query, key, value, params) -> None:
         value_ = getattr(params, name)
         if not isinstance(value_, int) or value_ < longest:
             raise ValueError(f"TE: {name}={value_!r} must be a Python int >= the longest document ({longest})")
+    from megagsm.models.packed_seq import document_prefixes
+
+    if document_prefixes(cu_q) is not None:  # TE attends inside each document: a continuation would lose its prompt
+        raise ValueError("TE: documents continuing a shared prefix (train.share_prompts) are SDPA-only")
 
 
 @contextlib.contextmanager
