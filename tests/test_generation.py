@@ -317,20 +317,17 @@ def test_sampler_distributions():
         assert (freq[target == 0] == 0).all()
 
 
-def test_inverse_cdf_draw_at_the_extremes_of_the_uniform():
+def test_inverse_cdf_draw_at_the_extremes_of_the_uniform(monkeypatch):
     """u = 0 and u -> 1 (the largest float below 1): the draw lands on the first and the last entry of
     positive probability, never on the zero-probability entries around them; frequencies follow probs."""
     from megagsm.generation.sampling import inverse_cdf_draw
 
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 2)
 
-    real_rand = torch.rand
     for u, expected in ((0.0, 1), (1.0 - 2.0 ** -24, 3)):
-        torch.rand = lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype", torch.float32))
-        try:
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype", torch.float32)))
             assert inverse_cdf_draw(probs, torch.Generator()).flatten().tolist() == [expected, expected]
-        finally:
-            torch.rand = real_rand
     draws = inverse_cdf_draw(probs[:1].expand(20000, 5), torch.Generator().manual_seed(0)).flatten()
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert freq[[0, 2, 4]].sum() == 0 and abs(freq[1].item() - 0.25) < 0.02

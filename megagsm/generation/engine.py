@@ -79,14 +79,21 @@ def generate(
     if any(len(p) == 0 for p in prompts_token_ids):
         raise ValueError("every prompt needs at least one token")
     gpt = unwrap(model)
+    return run_generation(gpt, routing, lambda runner: _Generation(
+        gpt, runner, prompts_token_ids, params, tokenizer, padding_side, pad_token_id, kv_cache_bytes,
+        vocab_limit, max_prefill_tokens, routing, response_lengths))
+
+
+def run_generation(gpt, routing, build) -> GenerationOutput:
+    """`build(runner).run()` (a generation over this rank's StageRunner) in generation mode, with
+    sequence parallelism off; the output holds ordinary tensors and, with routing, each sequence's
+    recorded experts. Shared by generate() and generate_refilled()."""
     # the CPU layer's per-call torch-function hook costs ~15% of a decoding step; megatron's
     # inference path needs only its module-level patches (checked by the multi-rank tests)
     with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
         runner = StageRunner(gpt, gpt.config)
         try:
-            generation = _Generation(gpt, runner, prompts_token_ids, params, tokenizer, padding_side,
-                                     pad_token_id, kv_cache_bytes, vocab_limit, max_prefill_tokens, routing,
-                                     response_lengths)
+            generation = build(runner)
             out = generation.run()
         finally:
             runner.close()

@@ -35,15 +35,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megagsm.generation.batched import generate_batched
-from megagsm.generation.engine import GenerationOutput, _compaction_moves, _Generation
-from megagsm.generation.forward import StageRunner, sequence_parallel_off
+from megagsm.generation.engine import GenerationOutput, _compaction_moves, _Generation, run_generation
 from megagsm.generation.kv_cache import KVCache, check_fits
-from megagsm.generation.mode import generation_mode, unwrap
+from megagsm.generation.mode import unwrap
 from megagsm.generation.rope_cache import per_row_supported, rope_once
 from megagsm.generation.sampling import SamplingParams
 from megagsm.generation.static_decode import StaticDecode
 from megagsm.generation.stopping import FINISH_LENGTH
-from megagsm.runtime import cpu_compat
 
 
 def generate_refilled(
@@ -78,21 +76,9 @@ def generate_refilled(
                                 pad_token_id=pad_token_id, kv_cache_bytes=kv_cache_bytes,
                                 vocab_limit=vocab_limit, max_prefill_tokens=max_prefill_tokens,
                                 routing=routing, response_lengths=response_lengths)
-    with generation_mode(gpt), sequence_parallel_off(gpt, gpt.config), cpu_compat.suspended():
-        runner = StageRunner(gpt, gpt.config)
-        try:
-            generation = _Refill(gpt, runner, prompts_token_ids, params, tokenizer, "right", pad_token_id,
-                                 kv_cache_bytes, vocab_limit, max_prefill_tokens, routing, response_lengths,
-                                 max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
-            out = generation.run()
-        finally:
-            runner.close()
-            if routing is not None:
-                routing.stop()
-    if routing is not None:
-        out.routing = generation.recorder.per_sequence(out.lengths)
-    out.tokens, out.logprobs, out.lengths = out.tokens.clone(), out.logprobs.clone(), out.lengths.clone()
-    return out
+    return run_generation(gpt, routing, lambda runner: _Refill(
+        gpt, runner, prompts_token_ids, params, tokenizer, "right", pad_token_id, kv_cache_bytes, vocab_limit,
+        max_prefill_tokens, routing, response_lengths, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs))
 
 
 def _nothing_waits(prompts, params: SamplingParams, max_batch_size: int) -> bool:

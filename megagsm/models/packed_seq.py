@@ -31,8 +31,10 @@ def thd_params(lengths: list[int], device: torch.device | str | None = None,
     offsets = prefix_offsets(lengths, prefix_of)
     longest = max(n + o for n, o in zip(lengths, offsets))
     if prefix_of is not None:
-        # megatron hands RoPE only the cu_seqlens tensor, so the structure travels on it
+        # megatron hands RoPE only the cu_seqlens tensor, so the structure travels on it (the offsets
+        # on the device already: RoPE reads them in every layer, a host copy each time would stall a GPU)
         cu.megagsm_prefix_of = tuple(prefix_of)
+        cu.megagsm_prefix_offsets = torch.tensor(offsets, dtype=torch.long, device=device)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
@@ -73,7 +75,8 @@ def thd_rope(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, rot
     hundreds of short sequences of a GSPO microbatch costs more than the rotation itself. Here each
     token's position (its index minus its document's start) gathers its frequencies in one indexing
     op, and one rotation covers the row. `freqs` holding one entry per packed token (megatron's
-    offset mode) is used as it is, as megatron's slices would reassemble it. Context parallelism
+    offset mode) is used as it is, as megatron's slices would reassemble it (not when documents continue
+    a prefix: their positions go on from the prefix's length, `thd_params`). Context parallelism
     keeps megatron's code (its per-rank halves of each document)."""
     if cp_group is None or cp_group.size() > 1:
         return _megatron_thd_rope(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
@@ -84,8 +87,7 @@ def thd_rope(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, rot
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
         if prefixes is not None:  # a document continuing a prefix starts at the prefix's length
-            prefix = torch.tensor(prefixes, device=starts.device)
-            starts = starts - torch.where(prefix >= 0, lengths[prefix.clamp(min=0)], 0)
+            starts = starts - cu_seqlens.megagsm_prefix_offsets
         positions = torch.arange(total, device=freqs.device) - torch.repeat_interleave(
             starts.to(freqs.device), lengths.to(freqs.device), output_size=total)
         freqs = freqs[positions]

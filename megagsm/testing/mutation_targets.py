@@ -87,6 +87,12 @@ TARGETS: dict[str, dict] = {
     # packed loss and gradient = padded ones, THD RoPE = megatron's
     "megagsm/rl/packing.py": {"tests": ["tests/test_rl_packing.py"]},
     "megagsm/rl/balance.py": {"tests": ["tests/test_rl_packing.py"]},
+    # THD attention in length buckets (shared prompts' continuations included) against the reference
+    # formula in fp64 with gradients; thd_params / thd_rope / positions against megatron's RoPE
+    "megagsm/layers/thd_buckets.py": {"tests": ["tests/test_layers.py"]},
+    "megagsm/models/packed_seq.py": {"tests": ["tests/test_layers.py", "tests/test_rl_packing.py"]},
+    # bit-for-bit against megatron's unfused MLP (one-process launch) and the fusion rule
+    "megagsm/layers/swiglu.py": {"tests": ["tests/test_fused_layers.py"]},
     # the decode loop: the one-process launch (greedy vs transformers, log-probs, eos, stop strings)
     "megagsm/generation/engine.py": {"tests": [_GEN + "test_greedy_matches_transformers",
                                                _GEN + "test_sampling_logprobs_reproducibility_and_n",
