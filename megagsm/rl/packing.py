@@ -112,17 +112,22 @@ def prompt_units(samples: list[Sample], budget: int, share: bool) -> list[list[S
     return units
 
 
+def _prompt_runs(samples: list[Sample]) -> list[list[Sample]]:
+    """Consecutive sequences of one group (one unit of prompt_units) with their shared prompt."""
+    runs: list[list[Sample]] = []
+    for s in samples:
+        if runs and s.group is not None and runs[-1][0].group == s.group and runs[-1][0].prompt == s.prompt:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
 def pack_microbatch(samples: list[Sample], T: int, routing_like: torch.Tensor | None = None,
                     device: torch.device | None = None, share_prompts: bool = False) -> dict:
     """One packed THD microbatch of ``T`` tokens (see the module docstring); no samples: a filler.
     share_prompts: consecutive sequences of one group lay their prompt out once (module docstring)."""
-    runs: list[list[Sample]] = []
-    for s in samples:
-        if (share_prompts and runs and s.group is not None and runs[-1][0].group == s.group
-                and runs[-1][0].prompt == s.prompt):
-            runs[-1].append(s)
-        else:
-            runs.append([s])
+    runs = _prompt_runs(samples) if share_prompts else [[s] for s in samples]
     if routing_like is not None and any(len(run) > 1 for run in runs):
         raise ValueError("routing replay needs each sequence's own tokens: pack without shared prompts")
     used = sum(shared_tokens(run) for run in runs)
