@@ -88,6 +88,18 @@ def test_fusion_is_turned_on_for_gated_silu_only():
         assert fused_activation_fields(config) == {}
 
 
+def test_weighted_swiglu_is_swiglu_scaled_per_token_in_the_input_dtype():
+    from megagsm.layers.swiglu import swiglu, weighted_swiglu
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=g).to(torch.bfloat16)
+    bias, weights = torch.randn(8, generator=g).to(torch.bfloat16), torch.rand(6, 1, generator=g)
+    out = weighted_swiglu(x, bias, weights)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, (swiglu(x, bias) * weights).to(torch.bfloat16))
+    gate, up = (x + bias).float().chunk(2, -1)
+    torch.testing.assert_close(out.float(), F.silu(gate) * up * weights, rtol=2e-2, atol=2e-2)
+
+
 def test_swiglu_refuses_transformer_engine_only_options():
     from megagsm.layers.swiglu import swiglu
 

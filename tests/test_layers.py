@@ -266,6 +266,27 @@ def test_shared_prefix_rope_positions_continue_the_prefix():
     assert params.max_seqlen_q == 7 and torch.equal(out, want)
 
 
+def test_attention_documents_by_hand():
+    """A continued prefix is no document of its own: its first continuation gives its outputs (no
+    repeat), later ones read its tokens again; a prefix nothing continues stands alone."""
+    from megagsm.layers.thd_buckets import attention_documents
+
+    bounds = [0, 3, 5, 6, 8, 9]
+    assert attention_documents(bounds) == [([0, 1, 2], 0), ([3, 4], 0), ([5], 0), ([6, 7], 0), ([8], 0)]
+    assert attention_documents(bounds, (-1, 0, 0, -1, 3)) == [
+        ([0, 1, 2, 3, 4], 0), ([0, 1, 2, 5], 3), ([6, 7, 8], 0)]
+    assert attention_documents(bounds, (-1, -1, 1, 1, -1)) == [([0, 1, 2], 0), ([3, 4, 5], 0), ([3, 4, 6, 7], 2),
+                                                               ([8], 0)]
+
+
+@pytest.mark.parametrize("bounds", [[0], [1, 4], [0, 3, 3, 5], [0, 4, 2]])
+def test_thd_plan_refuses_bounds_that_are_not_rising_documents(bounds):
+    from megagsm.layers.thd_buckets import build_plan
+
+    with pytest.raises(ValueError, match="must rise from 0"):
+        build_plan(bounds, torch.device("cpu"))
+
+
 def test_thd_buckets_rule_and_plan_cache():
     """Longest first, a new bucket when a document is under 1/ratio of the bucket's longest, all
     documents of at most `floor` tokens together; a plan is rebuilt when cu_seqlens change in place."""
@@ -274,6 +295,8 @@ def test_thd_buckets_rule_and_plan_cache():
 
     assert thd_buckets.bucket_documents([10, 100, 3, 90, 70, 50, 20], ratio=1.5, floor=32) == [
         [1, 3, 4], [5], [0, 2, 6]]
+    # exactly 1/ratio of the bucket's longest still joins it
+    assert thd_buckets.bucket_documents([60, 40, 39], ratio=1.5, floor=32) == [[0, 1], [2]]
     params = thd_params([4, 4, 4])
     plan = thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu"))
     assert plan.identity and thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu")) is plan

@@ -80,6 +80,26 @@ def test_a_shared_prompt_is_laid_out_once_and_each_response_continues_it():
     assert int(plain["packed_seq_params"].cu_seqlens_q[-2]) == 9 + 2 * 3
 
 
+def test_a_microbatch_filled_exactly_has_no_padding_document():
+    samples = [Sample([1, 2], [3, 4], 1.0, group=(0, 0)), Sample([1, 2], [5, 6], -1.0, group=(0, 0))]
+    for share, T in ((False, 6), (True, 4)):
+        b = pack_microbatch(samples, T=T, share_prompts=share)
+        assert int(b["packed_seq_params"].cu_seqlens_q[-1]) == T and (b["tokens"] != LABEL_PAD).all()
+        with pytest.raises(ValueError, match=f"{T} tokens do not fit a microbatch of {T - 1}"):
+            pack_microbatch(samples, T=T - 1, share_prompts=share)
+
+
+@pytest.mark.parametrize("lengths,prefix_of,message", [
+    ([3, 0], None, "at least one token"), ([3, 2], [-1, 1], "document 1: prefix 1"),
+    ([3, 2], [1, -1], "document 0: prefix 1"), ([3, 2, 2], [-1, 0, 1], "document 2: prefix 1"),
+    ([3, 2], [-1], "names 1 documents, the row has 2")])
+def test_thd_params_refuse_what_no_row_can_be(lengths, prefix_of, message):
+    from megagsm.models.packed_seq import thd_params
+
+    with pytest.raises(ValueError, match=message):
+        thd_params(lengths, prefix_of=prefix_of)
+
+
 def test_a_group_cut_by_the_budget_packs_as_parts_each_with_its_prompt():
     from megagsm.rl.packing import prompt_units, shared_tokens
 
@@ -299,6 +319,16 @@ def _exchange_on_two_ranks():
         gathered = gather_lengths([lengths[me]])
         plan = assign_by_tokens(gathered[0])
         out[name] = (gathered[0], plan, exchange(local, [plan]))
+    # shared prompts over DP2: rank 0 holds a few long groups, rank 1 one short one; groups move whole
+    ro = _rollouts(seed=3, prompts=2, n=4, mini_batches=1, max_response=12)
+    if me == 1:
+        ro = Rollouts(ro.prompts[:4], [[5]] * 4, ro.rewards[:4], ro.mini_batch[:4], 4, ro.gen_log_probs[:4])
+    adv = compute_advantages(ro)
+    (mb,) = build_packed_minibatches(ro, adv, 1, 64, multiple=8, dp_group=dist.group.WORLD, share_prompts=True)
+    out["shared"] = {"local": mb.local_sequences, "global": mb.global_sequences, "T": mb.seq_length,
+                     "micro": len(mb.microbatches), "real": mb.real_tokens,
+                     "labels": sorted(tuple(m["scored_labels"].tolist()) for m in mb.microbatches),
+                     "prefixed": [m["packed_seq_params"].cu_seqlens_q.megagsm_prefix_of for m in mb.microbatches]}
     dist.destroy_process_group()
     return out
 
@@ -314,3 +344,9 @@ def test_exchange_moves_each_sequence_to_its_placement_on_two_ranks():
             assert gathered == lengths and got_plan == plan, name
             assert items == [f"{home}:{i}:{lengths[home][i]}" for home, i in plan[me]], (name, me)
     assert assign_by_tokens([[1], [10]]) == [[(1, 0)], [(0, 0)]]  # every sequence changes rank
+    # shared prompts: each rank packs whole groups (its own, or moved to it), both at one shape and count
+    shared = [r["shared"] for r in ranks]
+    assert shared[0]["global"] == shared[1]["global"] == 12 == sum(r["local"] for r in shared)
+    assert shared[0]["T"] == shared[1]["T"] and shared[0]["micro"] == shared[1]["micro"]
+    assert all(r["local"] % 4 == 0 and r["local"] > 0 for r in shared)  # groups of 4, none split, none idle
+    assert all(any(p >= 0 for p in prefixed) for r in shared for prefixed in r["prefixed"] if prefixed)

@@ -63,7 +63,7 @@ TARGETS: dict[str, dict] = {
     **{f"megagsm/models/families/{name}.py": {"tests": _CONFIG_TESTS}
        for name in ("base", "llama", "qwen3", "seed_oss", "moe", "qwen3_moe", "qwen2_moe", "deepseek",
                     "deepseek_v2", "deepseek_v3")},
-    "megagsm/layers/norm.py": {"tests": ["tests/test_layers.py", _HF]},
+    "megagsm/layers/norm.py": {"tests": ["tests/test_layers.py", "tests/test_fused_layers.py", _HF]},
     "megagsm/generation/sampling.py": {"tests": [_GEN + "test_sampler_greedy_and_degenerate_filters_agree",
                                                  _GEN + "test_sampler_vocab_limit_excludes_padded_rows",
                                                  _GEN + "test_sampler_distributions",
@@ -232,6 +232,12 @@ EQUIVALENT: list[dict] = [
      "mutation": "constant 63 -> 64",
      "why": "torch's CPU generator (mt19937) is seeded from the low 32 bits of the seed, which x mod 2^63 and "
             "x mod 2^64 share (the same permutation for every seed and epoch)"},
+    {"module": "megagsm/layers/thd_buckets.py", "line": "_CACHE_SIZE = 4", "mutation": "constant 4 -> 5",
+     "why": "how many plans are kept: a miss rebuilds the same plan from the same cu_seqlens"},
+    {"module": "megagsm/rl/packing.py", "line": "return len(unit[0].prompt) + sum(len(s.response) - 1 for s in unit)",
+     "mutation": "constant 0 -> 1",
+     "why": "a unit of several sequences (the one-sequence case returns before) holds one group's sequences "
+            "with equal prompts (prompt_units joins only those), so unit[1].prompt is unit[0].prompt's value"},
     {"module": "megagsm/models/training.py", "line": "overlap_grad_reduce=False,", "mutation": "constant False -> True",
      "why": "a scheduling flag: megatron then issues the same data-parallel all-reduces from backward hooks, "
             "during the backward instead of after it, so the reduced gradients are the same sums (DP2 training "
