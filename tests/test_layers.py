@@ -116,6 +116,18 @@ def test_rmsnorm_matches_transformers_qwen2_and_gemma():
     torch.testing.assert_close(gemma(x), ref(x), rtol=0, atol=1e-6)
 
 
+def test_zero_centered_layernorm_scales_by_one_plus_weight():
+    norm = Norm(_config(normalization="LayerNorm", layernorm_zero_centered_gamma=True), 16, eps=1e-5)
+    ref = torch.nn.LayerNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.5, 0.5, 16))
+        ref.weight.copy_(1 + torch.linspace(-0.5, 0.5, 16))
+        norm.bias.fill_(0.25)
+        ref.bias.fill_(0.25)
+    x = torch.randn(3, 2, 16)
+    torch.testing.assert_close(norm(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_layernorm_matches_torch_and_marks_sequence_parallel_params():
     norm = Norm(_config(normalization="LayerNorm", sequence_parallel=True,
                         tensor_model_parallel_size=2), 32, eps=1e-5)
@@ -216,7 +228,8 @@ def test_thd_attention_in_length_buckets_equals_each_document_alone_with_gradien
 @pytest.mark.parametrize("lengths,prefix_of", [
     ([5, 3, 1, 4, 2, 6], [-1, 0, 0, 0, -1, 4]),                      # two prompts, then a lone document
     ([40, 2, 70, 3, 9, 9, 9], [-1, 0, 0, -1, 3, 3, 3]),              # continuations in several buckets
-    ([4, 7], [-1, -1])])                                            # nothing shared
+    ([4, 7], [-1, -1]),                                             # nothing shared
+    ([4, 3, 2], [-1, -1, 0])])                                      # a continuation after another document
 def test_thd_attention_with_shared_prefixes_equals_each_prefix_plus_continuation_alone(lengths, prefix_of):
     """A document continuing a prefix attends as if it followed the prefix in one sequence; the prefix
     attends to itself; q/k/v gradients (fp64) sum over every continuation reading the prefix."""
@@ -297,6 +310,8 @@ def test_thd_buckets_rule_and_plan_cache():
         [1, 3, 4], [5], [0, 2, 6]]
     # exactly 1/ratio of the bucket's longest still joins it
     assert thd_buckets.bucket_documents([60, 40, 39], ratio=1.5, floor=32) == [[0, 1], [2]]
+    one = thd_buckets.build_plan([0, 5], torch.device("cpu"))
+    assert one.identity and [(b.n, b.length) for b in one.buckets] == [(1, 5)]
     params = thd_params([4, 4, 4])
     plan = thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu"))
     assert plan.identity and thd_buckets.plan_for(params.cu_seqlens_q, 12, torch.device("cpu")) is plan

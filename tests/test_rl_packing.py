@@ -271,6 +271,8 @@ def test_even_bins_spread_the_tail_and_fall_back_to_first_fit_when_spreading_ove
     lengths = [3, 3, 2, 2, 2]
     bins = even_bins(lengths, 2, 6)
     assert sorted(sorted(lengths[i] for i in b) for b in bins) == [[2, 2, 2], [3, 3]]
+    # spreading that fills a bin exactly to the budget is kept (first fit would give 6+3 | 3+3+3)
+    assert even_bins([6, 3, 3, 3, 3], 2, 9) == [[0, 3], [1, 2, 4]]
     # more bins than sequences: the spare ones stay empty (filler microbatches)
     assert sorted(map(len, even_bins([5, 4], 3, 10))) == [0, 1, 1]
 

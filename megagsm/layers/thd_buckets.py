@@ -15,6 +15,12 @@ mask). Padding slots are zeros (constants) and their outputs are dropped, so eac
 that of its one real slot: both directions are gathers (index_select), never the zero-filled
 full-size scatter-add that autograd's own index backward costs per bucket.
 
+Shared prefixes (`megagsm.models.packed_seq.document_prefixes`: a GSPO prompt laid out once, each of
+its responses a document continuing it): attention sees a continuation as the prefix's tokens followed
+by its own, so its slots read the prefix's rows again. The first continuation gives the prefix tokens'
+outputs; in the others those slots are keys and values only (their outputs are dropped, no output
+gradient reaches them), and their q/k/v gradients are added to the prefix tokens' (`repeat_slots`).
+
 The plan is built on the host from `cu_seqlens` (one device-to-host copy) and kept for the few
 `cu_seqlens` tensors seen last, keyed by the tensor itself and its in-place version counter: every
 layer of a forward reads the same `PackedSeqParams`, so the copy happens once per forward, not once
@@ -55,6 +61,7 @@ class Plan:
     buckets: tuple[Bucket, ...]
     identity: bool            # one bucket of equal-length documents: its batch is a view of q/k/v
     shared: bool = False      # some slots repeat a prefix's tokens (document_prefixes)
+    ordered: bool = False     # one bucket whose output slots are in token order (its rows need no scatter)
 
 
 def bucket_documents(lengths: list[int], ratio: float = RATIO, floor: int = FLOOR) -> list[list[int]]:
@@ -102,7 +109,7 @@ def build_plan(bounds: list[int], device: torch.device, ratio: float = RATIO, fl
     docs = attention_documents(bounds, prefix_of)
     lengths = torch.tensor([len(tokens) for tokens, _ in docs])
     groups = bucket_documents(lengths.tolist(), ratio, floor)
-    buckets = []
+    buckets, outputs = [], []
     for members in groups:
         L = int(lengths[members].max())
         gather = torch.zeros(len(members), L, dtype=torch.long)
@@ -116,6 +123,7 @@ def build_plan(bounds: list[int], device: torch.device, ratio: float = RATIO, fl
             kind[row, :repeat] = 2
         gather, kind = gather.reshape(-1), kind.reshape(-1)
         own, repeated, pad = (kind == 1).nonzero().squeeze(1), (kind == 2).nonzero().squeeze(1), (kind == 0)
+        outputs.append(gather[own])
         buckets.append(Bucket(
             n=len(members), length=L, tokens=gather[own].to(device), slots=own.to(device),
             gather=gather.to(device), padding=pad.nonzero().squeeze(1).to(device), key_lengths=lengths[members].to(device),
@@ -123,7 +131,8 @@ def build_plan(bounds: list[int], device: torch.device, ratio: float = RATIO, fl
             dropped=(kind != 1).nonzero().squeeze(1).to(device)))
     shared = any(b.repeat_slots.numel() for b in buckets)
     identity = len(buckets) == 1 and bool((lengths == lengths[0]).all()) and prefix_of is None
-    return Plan(tokens=bounds[-1], buckets=tuple(buckets), identity=identity, shared=shared)
+    ordered = len(outputs) == 1 and torch.equal(outputs[0], torch.arange(bounds[-1]))
+    return Plan(tokens=bounds[-1], buckets=tuple(buckets), identity=identity, shared=shared, ordered=ordered)
 
 
 _plans: dict[int, tuple[torch.Tensor, int, torch.device, Plan]] = {}
@@ -152,18 +161,15 @@ def _padded(x: torch.Tensor, bucket: Bucket, zeroed: torch.Tensor | None = None)
 
 
 def _unpadded(batches, plan: Plan, shape) -> torch.Tensor:
-    """The buckets' [n, L, ...] rows (None: no gradient) -> [t, ...] (shape) in token order. SDPA's
-    outputs and gradients are laid out [n, L, heads, dim] already, so each reshape is a view."""
-    rows = [None if x is None else x.reshape(b.n * b.length, *x.shape[2:]).index_select(0, b.slots)
-            for b, x in zip(plan.buckets, batches)]
-    if len(rows) == 1 and rows[0] is not None and not plan.shared:
-        return rows[0]  # one bucket holds the documents in token order
-    present = [r for r in rows if r is not None]
-    # every token has one real slot: the buckets write every row unless one has no gradient
-    out = present[0].new_empty(shape) if len(present) == len(rows) else present[0].new_zeros(shape)
+    """The buckets' [n, L, ...] rows -> [t, ...] (shape) in token order, each token from the slot that
+    gives its output. SDPA's outputs and gradients are laid out [n, L, heads, dim] already, so each
+    reshape is a view. (autograd hands a Function zeros, never None, for outputs without gradient.)"""
+    rows = [x.reshape(b.n * b.length, *x.shape[2:]).index_select(0, b.slots) for b, x in zip(plan.buckets, batches)]
+    if plan.ordered:
+        return rows[0]
+    out = rows[0].new_empty(shape)  # every token has exactly one such slot
     for b, r in zip(plan.buckets, rows):
-        if r is not None:
-            out.index_copy_(0, b.tokens, r)
+        out.index_copy_(0, b.tokens, r)
     return out
 
 
@@ -179,11 +185,11 @@ class _ToBuckets(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = [None if g is None else g.transpose(1, 2) for g in grads]
+        grads = [g.transpose(1, 2) for g in grads]
         out = _unpadded(grads, ctx.plan, ctx.shape)
         if ctx.plan.shared:
             for b, g in zip(ctx.plan.buckets, grads):
-                if g is not None and b.repeat_slots.numel():
+                if b.repeat_slots.numel():
                     rows = g.reshape(b.n * b.length, *g.shape[2:]).index_select(0, b.repeat_slots)
                     out = out.index_add_(0, b.repeat_tokens, rows)
         return out, None
