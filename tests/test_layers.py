@@ -310,6 +310,8 @@ def test_thd_buckets_rule_and_plan_cache():
         [1, 3, 4], [5], [0, 2, 6]]
     # exactly 1/ratio of the bucket's longest still joins it
     assert thd_buckets.bucket_documents([60, 40, 39], ratio=1.5, floor=32) == [[0, 1], [2]]
+    # a bucket whose longest has `floor` tokens takes every shorter document
+    assert thd_buckets.bucket_documents([32, 20, 5], ratio=1.2, floor=32) == [[0, 1, 2]]
     one = thd_buckets.build_plan([0, 5], torch.device("cpu"))
     assert one.identity and [(b.n, b.length) for b in one.buckets] == [(1, 5)]
     params = thd_params([4, 4, 4])

@@ -50,9 +50,9 @@ class Bucket:
     key_lengths: torch.Tensor  # [n] each document's length (the key mask of non-causal attention)
     # shared prefixes: slots that read a prefix token again (its keys and values; their outputs are
     # dropped), with the token each reads; empty without prefixes
-    repeat_slots: torch.Tensor | None = None
-    repeat_tokens: torch.Tensor | None = None
-    dropped: torch.Tensor | None = None   # padding + repeat slots: no output gradient reaches them
+    repeat_slots: torch.Tensor
+    repeat_tokens: torch.Tensor
+    dropped: torch.Tensor     # padding + repeat slots: no output gradient reaches them
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ class Plan:
     tokens: int
     buckets: tuple[Bucket, ...]
     identity: bool            # one bucket of equal-length documents: its batch is a view of q/k/v
-    shared: bool = False      # some slots repeat a prefix's tokens (document_prefixes)
-    ordered: bool = False     # one bucket whose output slots are in token order (its rows need no scatter)
+    shared: bool              # some slots repeat a prefix's tokens (document_prefixes)
+    ordered: bool             # one bucket whose output slots are in token order (its rows need no scatter)
 
 
 def bucket_documents(lengths: list[int], ratio: float = RATIO, floor: int = FLOOR) -> list[list[int]]:
