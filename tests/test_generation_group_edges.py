@@ -5,6 +5,9 @@ ranks that step together must stop together and keep serving each other's expert
   (it returns nothing, the other rank its completions): expert parallelism's lockstep.
 * A KV cache that does not fit on one rank stops the whole group: the other rank raises too, naming
   the rank that could not allocate, instead of waiting for it forever.
+* Refilled generation in lockstep: a rank that refills its one row more often than the other makes the
+  other run dummy prefill forwards; greedy tokens equal the static path's.
+* Nothing is decoded after the last token: one prefill and max_new_tokens - 1 decode forwards.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def _worker(spec):
     import torch.distributed as dist
 
     from megagsm.config.parallel import ParallelConfig
-    from megagsm.generation import KVCacheTooLarge, SamplingParams, generate
+    from megagsm.generation import KVCacheTooLarge, SamplingParams, generate, generate_refilled
     from megagsm.runtime import init_runtime
     from megagsm.testing.parity import tiny_gpt_model
 
@@ -35,8 +38,17 @@ def _worker(spec):
     rank = dist.get_rank()
     params = SamplingParams(max_new_tokens=5, greedy=True)
     mine = [[3, 4, 5], [6, 7]] if rank == 0 else []
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
     r = generate(model, mine, params, vocab_limit=spec.vocab_size)
-    out = {"lengths": r.lengths.tolist(), "shape": list(r.tokens.shape), "logprobs_shape": list(r.logprobs.shape)}
+    hook.remove()
+    out = {"lengths": r.lengths.tolist(), "shape": list(r.tokens.shape), "logprobs_shape": list(r.logprobs.shape),
+           "forwards": len(forwards)}
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10]] if rank == 0 else [[11, 12]]
+    refilled = generate_refilled(model, prompts, params, vocab_limit=spec.vocab_size, max_batch_size=1)
+    static = generate(model, prompts, params, vocab_limit=spec.vocab_size)
+    out["refilled_equal"] = refilled.tokens.tolist() == static.tokens.tolist()
+    out["refilled_lengths"] = refilled.lengths.tolist()
     try:  # rank 1's cache may take 1000 bytes: far too few
         generate(model, [[3, 4, 5]], params, vocab_limit=spec.vocab_size,
                  kv_cache_bytes=1000 if rank == 1 else None)
@@ -57,6 +69,16 @@ def test_a_rank_without_prompts_serves_the_others_until_they_finish(results):
     # outputs are as wide as the longest completion: 5 tokens, and none at all on the empty rank
     assert results[0]["shape"] == results[0]["logprobs_shape"] == [2, 5]
     assert results[1]["shape"] == results[1]["logprobs_shape"] == [0, 0]
+
+
+def test_no_forward_after_the_last_token(results):
+    # 1 prefill + 4 decode steps for 5 tokens; the empty rank joins each of them
+    assert results[0]["forwards"] == results[1]["forwards"] == 5
+
+
+def test_refilled_lockstep_with_uneven_refills_equals_the_static_path(results):
+    assert results[0]["refilled_lengths"] == [5, 5, 5] and results[1]["refilled_lengths"] == [5]
+    assert results[0]["refilled_equal"] and results[1]["refilled_equal"]
 
 
 def test_a_kv_cache_too_large_on_one_rank_stops_both(results):

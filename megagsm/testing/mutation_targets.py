@@ -81,7 +81,10 @@ TARGETS: dict[str, dict] = {
     "megagsm/generation/refill.py": {"tests": [_GEN + "test_refilled_generation_matches_transformers_and_the_static_path",
                                                _GEN + "test_refilled_static_decode_shapes",
                                                _GEN + "test_refilled_sampling_is_reproducible",
-                                               _GEN + "test_refilled_moe_routing_per_sequence"],
+                                               _GEN + "test_refilled_moe_routing_per_sequence",
+                                               # EP2 lockstep with uneven refills (slow-marked, cheap launch)
+                                               "tests/test_generation_group_edges.py"],
+                                     "slow": True,
                                      "max_mutants": 8},  # ~40 s per mutant, as engine.py
     # packed microbatches: rows, cu_seqlens, the [S, R] loss view, budget, even bins, DP placement,
     # packed loss and gradient = padded ones, THD RoPE = megatron's
@@ -232,6 +235,14 @@ EQUIVALENT: list[dict] = [
      "mutation": "constant 63 -> 64",
      "why": "torch's CPU generator (mt19937) is seeded from the low 32 bits of the seed, which x mod 2^63 and "
             "x mod 2^64 share (the same permutation for every seed and epoch)"},
+    {"module": "megagsm/generation/refill.py",
+     "line": "lockstep = dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1",
+     "mutation": "And -> Or",
+     "why": "without a process group megatron's expert-parallel size reads 0 (its groups cannot exist), so "
+            "`> 1` is False either way; with one, both operands are evaluated as before"},
+    {"module": "megagsm/generation/refill.py", "line": "chunks = self._agree(False, len(plan))[1]",
+     "mutation": "constant False -> True",
+     "why": "only the prefill count ([1]) is read, and _agree takes the maximum of each value separately"},
     {"module": "megagsm/layers/thd_buckets.py", "line": "_CACHE_SIZE = 4", "mutation": "constant 4 -> 5",
      "why": "how many plans are kept: a miss rebuilds the same plan from the same cu_seqlens"},
     {"module": "megagsm/layers/thd_buckets.py", "line": "@dataclass(frozen=True)", "mutation": "constant True -> False",
