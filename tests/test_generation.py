@@ -120,6 +120,7 @@ def test_refilled_generation_matches_transformers_and_the_static_path(single):
     assert single["refill_greedy"] == single["hf"]
     assert single["refill_greedy_lp_err"] < LP_ATOL
     assert single["refill_prompt_index"] == list(range(len(cases.PROMPT_LENGTHS)))
+    assert single["refill_nothing_waits"] == [True, False]
     stop = single["eos_id"]
     expected = _forced(single["greedy_left"], stop, cases.FORCED_LENGTHS)
     assert single["refill_forced"] == expected

@@ -232,9 +232,7 @@ class _Generation:
             steps = torch.full((b,), step, dtype=torch.long)
             tokens_cpu = self._sample(logits, seq_ids, steps)
             finished = self._finished(tokens_cpu, seq_ids, steps)
-            if step == T - 1:
-                break
-            keep = ~finished
+            keep = ~finished  # (at the last step every row is finished: the loop returns below)
             if not keep.any():
                 self._idle_until_everyone_is_done(first=False, steps_left=T - 1 - step)
                 return

@@ -176,6 +176,10 @@ def refill_cases(model, vocab, tok, ps_, greedy_ref, stop_id) -> dict:
     r = refill(model, ps_, SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_strings=[stop]), tokenizer=tok,
                max_batch_size=2)
     out["refill_stop_texts"], out["refill_stop_reasons"] = r.texts, r.finish_reasons
+    # all sequences fit the rows from the start: the shared-offset decode serves (one process: no lockstep)
+    from megagsm.generation.refill import _nothing_waits
+
+    out["refill_nothing_waits"] = [_nothing_waits(ps_, SamplingParams(n=2), rows) for rows in (2 * len(ps_), 2 * len(ps_) - 1)]
     try:
         refill(model, ps_, greedy, max_batch_size=2, kv_cache_bytes=1000)
         out["refill_too_large"] = None
