@@ -7,7 +7,9 @@ ranks that step together must stop together and keep serving each other's expert
   the rank that could not allocate, instead of waiting for it forever.
 * Refilled generation in lockstep: a rank that refills its one row more often than the other makes the
   other run dummy prefill forwards; greedy tokens equal the static path's.
-* Nothing is decoded after the last token: one prefill and max_new_tokens - 1 decode forwards.
+* Nothing is decoded after the last token: one prefill and max_new_tokens - 1 decode forwards; when
+  every row stops at its first token, both ranks stop after the prefill.
+* The refilled path's KV budget holds the cache and the sampler's logits, computed here by hand.
 """
 from __future__ import annotations
 
@@ -49,6 +51,26 @@ def _worker(spec):
     static = generate(model, prompts, params, vocab_limit=spec.vocab_size)
     out["refilled_equal"] = refilled.tokens.tolist() == static.tokens.tolist()
     out["refilled_lengths"] = refilled.lengths.tolist()
+    # every row stops at its first token: after the prefill nobody decodes, and both ranks see that
+    first = r.tokens[:, 0].tolist() if rank == 0 else []
+    forwards.clear()
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    early = generate(model, mine, SamplingParams(max_new_tokens=5, greedy=True, stop_token_ids=first or [1]),
+                     vocab_limit=spec.vocab_size)
+    hook.remove()
+    out["early_lengths"], out["early_forwards"] = early.lengths.tolist(), len(forwards)
+    # the refilled path's budget holds its cache (2 layers x (8 + 8) dims x 2 KV heads x 4 bytes per
+    # row and position: 2 rows x (3 + 5) positions) and the sampler's logits (rows x vocab x 4 bytes x 3)
+    need = 2 * 16 * 2 * 4 * 2 * 8 + 2 * 128 * 4 * 3
+    budgets = {}
+    for budget in (need, need - 1):
+        try:
+            generate_refilled(model, prompts if rank == 0 else [[11, 12]], params, vocab_limit=spec.vocab_size,
+                              max_batch_size=2, kv_cache_bytes=budget)
+            budgets[budget - need] = "fits"
+        except KVCacheTooLarge:
+            budgets[budget - need] = "too large"
+    out["budgets"] = budgets
     try:  # rank 1's cache may take 1000 bytes: far too few
         generate(model, [[3, 4, 5]], params, vocab_limit=spec.vocab_size,
                  kv_cache_bytes=1000 if rank == 1 else None)
@@ -79,6 +101,16 @@ def test_no_forward_after_the_last_token(results):
 def test_refilled_lockstep_with_uneven_refills_equals_the_static_path(results):
     assert results[0]["refilled_lengths"] == [5, 5, 5] and results[1]["refilled_lengths"] == [5]
     assert results[0]["refilled_equal"] and results[1]["refilled_equal"]
+
+
+def test_ranks_that_all_stop_early_stop_decoding_together(results):
+    assert results[0]["early_lengths"] == [1, 1] and results[1]["early_lengths"] == []
+    assert results[0]["early_forwards"] == results[1]["early_forwards"] == 1  # the prefill only
+
+
+def test_the_refilled_budget_counts_the_cache_and_the_logits_by_hand(results):
+    for result in results:
+        assert result["budgets"] == {0: "fits", -1: "too large"}
 
 
 def test_a_kv_cache_too_large_on_one_rank_stops_both(results):
