@@ -144,14 +144,28 @@ class _Generation:
                 pad[i, len(p):] = True
         return lens, tokens, pad
 
-    def run(self) -> GenerationOutput:
-        p = self.params
-        P, n = len(self.prompts), p.n
-        N, T = P * n, p.max_new_tokens
+    def _allocate_outputs(self) -> None:
+        """Every sequence's completion buffers, filled as it decodes."""
+        N, T = len(self.prompts) * self.params.n, self.params.max_new_tokens
         self.out_tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
         self.out_logprobs = torch.zeros(N, T, dtype=torch.float32)
         self.lengths = torch.zeros(N, dtype=torch.long)
         self.reasons = [FINISH_LENGTH] * N
+
+    def _cache(self, rows: int, width: int, zeroed: bool = False) -> KVCache:
+        """A KV cache of rows x width positions, once the budget holds it and the sampler's logits
+        (every rank of the group stops when one cannot allocate)."""
+        logits_bytes = rows * self.model.vocab_size * 4 * 3 if self.runner.last else 0  # logits + fp32 sampling copies
+        problem = check_fits(self.model, rows, width, self.dtype, self.device, extra_bytes=logits_bytes,
+                             budget_bytes=self.kv_cache_bytes)
+        self._fail_together(problem)
+        return KVCache(self.model, max_batch=rows, max_seq=width, dtype=self.dtype, device=self.device, zeroed=zeroed)
+
+    def run(self) -> GenerationOutput:
+        p = self.params
+        P, n = len(self.prompts), p.n
+        N, T = P * n, p.max_new_tokens
+        self._allocate_outputs()
         if P == 0:
             if self.lockstep:
                 self._fail_together(None)
@@ -160,12 +174,7 @@ class _Generation:
 
         lens, prompt_tokens, prompt_pad = self._layout()
         L = prompt_tokens.shape[1]
-        vocab = self.model.vocab_size
-        logits_bytes = N * vocab * 4 * 3 if self.runner.last else 0  # logits + fp32 sampling copies
-        problem = check_fits(self.model, N, L + T, self.dtype, self.device, extra_bytes=logits_bytes,
-                             budget_bytes=self.kv_cache_bytes)
-        self._fail_together(problem)
-        cache = KVCache(self.model, max_batch=N, max_seq=L + T, dtype=self.dtype, device=self.device)
+        cache = self._cache(N, L + T)
         try:
             with rope_once(self.model, cache):
                 logits = self._prefill(cache, lens, prompt_tokens, prompt_pad)

@@ -36,12 +36,10 @@ from megatron.core import parallel_state as ps
 
 from megagsm.generation.batched import generate_batched
 from megagsm.generation.engine import GenerationOutput, _compaction_moves, _Generation, run_generation
-from megagsm.generation.kv_cache import KVCache, check_fits
 from megagsm.generation.mode import unwrap
 from megagsm.generation.rope_cache import per_row_supported, rope_once
 from megagsm.generation.sampling import SamplingParams
 from megagsm.generation.static_decode import StaticDecode
-from megagsm.generation.stopping import FINISH_LENGTH
 
 
 def generate_refilled(
@@ -116,25 +114,14 @@ class _Refill(_Generation):
                              "(pipeline sends and MoE token exchanges are not captured)")
 
     def run(self) -> GenerationOutput:
-        p = self.params
-        P, n = len(self.prompts), p.n
-        N, T = P * n, p.max_new_tokens
-        self.out_tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
-        self.out_logprobs = torch.zeros(N, T, dtype=torch.float32)
-        self.lengths = torch.zeros(N, dtype=torch.long)
-        self.reasons = [FINISH_LENGTH] * N
+        P, n, T = len(self.prompts), self.params.n, self.params.max_new_tokens
+        self._allocate_outputs()
         if P == 0:  # nothing here; under expert parallelism this rank still serves the others
             if self.lockstep:
                 self._fail_together(None)
                 self._loop(None)
             return self._output(n)
-        width = max(len(q) for q in self.prompts) + T
-        logits_bytes = self.rows * self.model.vocab_size * 4 * 3 if self.runner.last else 0
-        problem = check_fits(self.model, self.rows, width, self.dtype, self.device, extra_bytes=logits_bytes,
-                             budget_bytes=self.kv_cache_bytes)
-        self._fail_together(problem)
-        cache = KVCache(self.model, max_batch=self.rows, max_seq=width, dtype=self.dtype, device=self.device,
-                        zeroed=True)
+        cache = self._cache(self.rows, max(len(q) for q in self.prompts) + T, zeroed=True)
         try:
             with rope_once(self.model, cache):
                 self._loop(cache)
