@@ -28,8 +28,10 @@ per layer.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megagsm.models.packed_seq import document_prefixes
@@ -106,29 +108,37 @@ def build_plan(bounds: list[int], device: torch.device, ratio: float = RATIO, fl
     see attention_documents), with their index maps."""
     if len(bounds) < 2 or bounds[0] != 0 or any(a >= b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens {bounds} must rise from 0, one non-empty document after another")
-    docs = attention_documents(bounds, prefix_of)
-    lengths = torch.tensor([len(tokens) for tokens, _ in docs])
+    if prefix_of is None:  # each document alone: `flat` is the row itself
+        flat = torch.arange(bounds[-1])
+        firsts = torch.tensor(bounds[:-1])
+        lengths = torch.tensor(bounds[1:]) - firsts
+        repeats = torch.zeros_like(lengths)
+    else:
+        docs = attention_documents(bounds, prefix_of)
+        lengths = torch.tensor([len(tokens) for tokens, _ in docs])
+        repeats = torch.tensor([repeat for _, repeat in docs])
+        # (through numpy: torch.tensor of a long Python list costs ~7x as much)
+        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(t for t, _ in docs), dtype=np.int64))
+        firsts = torch.cumsum(lengths, 0) - lengths   # where each document begins in `flat`
     groups = bucket_documents(lengths.tolist(), ratio, floor)
     buckets, outputs = [], []
     for members in groups:
-        L = int(lengths[members].max())
-        gather = torch.zeros(len(members), L, dtype=torch.long)
-        kind = torch.zeros(len(members), L, dtype=torch.long)   # 0 padding, 1 own token, 2 repeat
-        for row, d in enumerate(members):
-            tokens, repeat = docs[d]
-            n = len(tokens)
-            gather[row, :n] = torch.tensor(tokens)
-            gather[row, n:] = tokens[-1]
-            kind[row, :n] = 1
-            kind[row, :repeat] = 2
-        gather, kind = gather.reshape(-1), kind.reshape(-1)
-        own, repeated, pad = (kind == 1).nonzero().squeeze(1), (kind == 2).nonzero().squeeze(1), (kind == 0)
+        idx = torch.tensor(members)
+        doc_lengths = lengths[idx]
+        L = int(doc_lengths.max())
+        offset = torch.arange(L)
+        # padding slots read their document's last token (then zeroed)
+        gather = flat[firsts[idx, None] + torch.minimum(offset, doc_lengths[:, None] - 1)].reshape(-1)
+        real = (offset < doc_lengths[:, None]).reshape(-1)
+        repeated = (offset < repeats[idx, None]).reshape(-1)
+        own = (real & ~repeated).nonzero().squeeze(1)
+        repeat_slots = repeated.nonzero().squeeze(1)
         outputs.append(gather[own])
         buckets.append(Bucket(
             n=len(members), length=L, tokens=gather[own].to(device), slots=own.to(device),
-            gather=gather.to(device), padding=pad.nonzero().squeeze(1).to(device), key_lengths=lengths[members].to(device),
-            repeat_slots=repeated.to(device), repeat_tokens=gather[repeated].to(device),
-            dropped=(kind != 1).nonzero().squeeze(1).to(device)))
+            gather=gather.to(device), padding=(~real).nonzero().squeeze(1).to(device),
+            key_lengths=doc_lengths.to(device), repeat_slots=repeat_slots.to(device),
+            repeat_tokens=gather[repeat_slots].to(device), dropped=(~real | repeated).nonzero().squeeze(1).to(device)))
     shared = any(b.repeat_slots.numel() for b in buckets)
     identity = len(buckets) == 1 and bool((lengths == lengths[0]).all()) and prefix_of is None
     ordered = len(outputs) == 1 and torch.equal(outputs[0], torch.arange(bounds[-1]))
