@@ -20,9 +20,8 @@ the unused tail one padding document that no loss reads.
   (S sequences of the microbatch, R its longest response): ``response_mask``, ``advantages`` and
   ``gen_log_prob`` are ``[S, R]``, and ``response_index`` maps the scored packed positions
   (``scored``, each response token's predecessor: the rows `output_layer_rows` keeps) to flat
-  ``[S * R]`` slots. A
-  sequence's ratio, mean and count are those of its own row of the view, whatever microbatch it
-  lands in, so the loss normalisation is the padded path's.
+  ``[S * R]`` slots. A sequence's ratio, mean and count are those of its own row of the view,
+  whatever microbatch it lands in, so the loss normalisation is the padded path's.
 - Shared prompts (``share_prompts``, train.share_prompts): the ``n`` sequences of a prompt group travel
   (DP balance) and pack as one unit, the prompt laid out once: a document of the prompt's ``L`` tokens,
   then per response a document of ``response[:-1]`` continuing it (thd_params' ``prefix_of``: RoPE
